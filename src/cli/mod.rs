@@ -1,0 +1,1039 @@
+//! The `sealfs` command line: subcommands, secrets, mounting and
+//! daemonizing. Errors are reported with context here, at the edge.
+
+pub mod options;
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use zeroize::Zeroizing;
+
+use crate::kms::{self, KeyManager, Keystore, KeystoreSecret, MasterKey};
+use crate::volume::{self, CreateOptions, OpenOptions2, Volume};
+use options::MountOpts;
+
+/// sealfs — an encrypted filesystem with real key management.
+///
+/// File content is sealed under a master key you choose from the local
+/// keystore; metadata under the sealfs service key. Quick start:
+///
+///   sealfs init --key-file ~/.config/sealfs/keystore.key --generate-key-file
+///   sealfs key create --alias photos
+///   sealfs create /srv/photos.store --kms-key alias/photos
+///   sealfs mount /srv/photos.store /mnt/photos
+///   sealfs umount /mnt/photos
+#[derive(Parser, Debug)]
+#[command(name = "sealfs", version, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Global {
+    /// Keystore file [default: $SEALFS_KEYSTORE or ~/.config/sealfs/keystore]
+    #[arg(long, global = true, env = "SEALFS_KEYSTORE", value_name = "PATH")]
+    pub keystore: Option<PathBuf>,
+    /// Unlock the keystore with this 32-byte key file (unattended use)
+    #[arg(
+        long,
+        global = true,
+        env = "SEALFS_KEY_FILE",
+        value_name = "PATH",
+        conflicts_with = "passphrase_file"
+    )]
+    pub key_file: Option<PathBuf>,
+    /// Read the keystore passphrase from the first line of this file
+    #[arg(
+        long,
+        global = true,
+        env = "SEALFS_PASSPHRASE_FILE",
+        value_name = "PATH"
+    )]
+    pub passphrase_file: Option<PathBuf>,
+    /// Log more (repeat for debug output)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create the keystore (with its service key and default content key)
+    ///
+    /// Example: sealfs init --key-file /etc/sealfs/keystore.key --generate-key-file
+    Init {
+        /// With --key-file: write a new random key file there first (mode 0600)
+        #[arg(long)]
+        generate_key_file: bool,
+    },
+    /// Manage master keys in the keystore
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Create a new encrypted volume (store directory)
+    ///
+    /// Example: sealfs create /srv/photos.store --kms-key alias/photos
+    Create {
+        /// Store directory to create (must be missing or empty)
+        store: PathBuf,
+        /// Master key (id or alias) that protects file content
+        /// [default: the service-managed alias/sealfs/default]
+        #[arg(long, value_name = "KEY")]
+        kms_key: Option<String>,
+        /// Chunk size in bytes (power of two, 4096..16777216)
+        #[arg(long, default_value_t = volume::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+    },
+    /// Mount a volume; returns once the mount is live (-f stays in front)
+    ///
+    /// Options (-o, comma-separated): ro, rw, allow_other, allow_root,
+    /// noatime, nosuid, nodev, noexec, nonempty, keystore=PATH,
+    /// key_file=PATH, passphrase_file=PATH, threads=N (default 4),
+    /// cache_size=MiB (decrypted-chunk cache, default 64),
+    /// commit_interval=SECONDS (default 5), log=FILE, debug.
+    /// mount(8) options such as defaults, nofail, _netdev, noauto, user and
+    /// x-systemd.* are accepted and ignored; default_permissions is always on.
+    ///
+    /// Example: sealfs mount -o allow_other /srv/photos.store /mnt/photos
+    #[command(verbatim_doc_comment)]
+    Mount {
+        /// Store directory
+        store: PathBuf,
+        /// Empty directory to mount on
+        mountpoint: PathBuf,
+        /// Stay in the foreground (log to stderr)
+        #[arg(short, long)]
+        foreground: bool,
+        /// Mount options, comma-separated (repeatable)
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Internal: run as the background daemon started by `sealfs mount`
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+    },
+    /// Unmount a sealfs mount and wait until everything is written
+    ///
+    /// Example: sealfs umount /mnt/photos
+    #[command(alias = "unmount")]
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if busy or if the daemon is gone (umount -l)
+        #[arg(short, long)]
+        lazy: bool,
+    },
+    /// Show a volume's id, keys, chunk size and usage
+    ///
+    /// Example: sealfs info /srv/photos.store
+    Info {
+        store: PathBuf,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Create a master key and print its id
+    ///
+    /// Example: sealfs key create --alias photos --description "family photos"
+    Create {
+        /// Alias (repeatable); "photos" becomes alias/photos
+        #[arg(long)]
+        alias: Vec<String>,
+        /// Free-text description
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List keys
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key: id, aliases, state, origin, versions, created
+    ///
+    /// Example: sealfs key describe alias/photos
+    Describe {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let level = match cli.global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .try_init();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sealfs: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    match cli.cmd {
+        Cmd::Init { generate_key_file } => cmd_init(&g, generate_key_file),
+        Cmd::Key(k) => cmd_key(&g, k),
+        Cmd::Create {
+            store,
+            kms_key,
+            chunk_size,
+        } => cmd_create(&g, &store, kms_key, chunk_size),
+        Cmd::Mount {
+            store,
+            mountpoint,
+            foreground,
+            options,
+            daemon_child,
+        } => cmd_mount(&g, &store, &mountpoint, foreground, &options, daemon_child),
+        Cmd::Umount { mountpoint, lazy } => cmd_umount(&mountpoint, lazy),
+        Cmd::Info { store, json } => cmd_info(&g, &store, json),
+    }
+}
+
+fn keystore_path(g: &Global) -> PathBuf {
+    g.keystore
+        .clone()
+        .unwrap_or_else(kms::default_keystore_path)
+}
+
+/// Get the keystore secret: key file, passphrase file, or a prompt.
+fn secret(g: &Global, ks_path: &Path, creating: bool) -> Result<KeystoreSecret> {
+    if let Some(kf) = &g.key_file {
+        return Ok(KeystoreSecret::from_key_file(kf)?);
+    }
+    if let Some(pf) = &g.passphrase_file {
+        return Ok(KeystoreSecret::from_passphrase_file(pf)?);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "keystore {} needs a passphrase or key file, and there is no terminal to ask on: pass --key-file or --passphrase-file",
+            ks_path.display()
+        );
+    }
+    let p = Zeroizing::new(
+        rpassword::prompt_password(format!("Passphrase for keystore {}: ", ks_path.display()))
+            .context("cannot read the passphrase from the terminal")?,
+    );
+    if creating {
+        if p.len() < 8 {
+            bail!("passphrase too short: use at least 8 characters");
+        }
+        let again = Zeroizing::new(
+            rpassword::prompt_password("Repeat the passphrase: ")
+                .context("cannot read the passphrase from the terminal")?,
+        );
+        if !crate::crypto::ct_eq(p.as_bytes(), again.as_bytes()) {
+            bail!("the passphrases do not match; nothing was created");
+        }
+    }
+    Ok(KeystoreSecret::Passphrase(Zeroizing::new(p.to_string())))
+}
+
+fn open_keystore(g: &Global, for_update: bool) -> Result<Keystore> {
+    let p = keystore_path(g);
+    if !p.exists() {
+        return Err(kms::KmsError::NotFound(p).into());
+    }
+    let s = secret(g, &p, false)?;
+    Ok(Keystore::open(&p, &s, for_update)?)
+}
+
+fn open_or_create_keystore(g: &Global) -> Result<Keystore> {
+    let p = keystore_path(g);
+    let creating = !p.exists();
+    let s = secret(g, &p, creating)?;
+    let (ks, created) = Keystore::open_or_create(&p, &s)?;
+    if created {
+        eprintln!("sealfs: created keystore {}", p.display());
+    }
+    Ok(ks)
+}
+
+fn cmd_init(g: &Global, generate: bool) -> Result<()> {
+    let p = keystore_path(g);
+    if generate {
+        let kf = g.key_file.as_ref().ok_or_else(|| {
+            anyhow!("--generate-key-file needs --key-file PATH to say where to write it")
+        })?;
+        if !kf.exists() {
+            if let Some(d) = kf.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("cannot create {}", d.display()))?;
+            }
+            kms::generate_key_file(kf)?;
+            eprintln!(
+                "sealfs: wrote new key file {} (keep it safe: it unlocks the keystore)",
+                kf.display()
+            );
+        }
+    }
+    if p.exists() {
+        // Verify that the secret opens it, so `init` is idempotent.
+        open_keystore(g, false)?;
+        println!(
+            "keystore {} already exists and unlocks with the given secret",
+            p.display()
+        );
+        return Ok(());
+    }
+    let s = secret(g, &p, true)?;
+    Keystore::create(&p, &s)?;
+    println!("created keystore {}", p.display());
+    Ok(())
+}
+
+fn fmt_time(secs: u64) -> String {
+    // civil-from-days (Howard Hinnant), UTC
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+fn key_json(k: &MasterKey) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id,
+        "aliases": k.aliases,
+        "description": k.description,
+        "state": format!("{:?}", k.state),
+        "origin": format!("{:?}", k.origin),
+        "manager": format!("{:?}", k.manager),
+        "created": fmt_time(k.created),
+        "current_version": k.current_version(),
+        "versions": k.versions.iter().map(|v| serde_json::json!({"version": v.version, "created": fmt_time(v.created)})).collect::<Vec<_>>(),
+    })
+}
+
+fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
+    match k {
+        KeyCmd::Create { alias, description } => {
+            let mut ks = open_or_create_keystore(g)?;
+            let id = ks.create_key(&alias, &description)?;
+            println!("{id}");
+        }
+        KeyCmd::List { json } => {
+            let ks = open_keystore(g, false)?;
+            if json {
+                let v: Vec<_> = ks.keys().iter().map(key_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<36}  {:<8}  {:<8}  {:>3}  {:<20}  ALIASES",
+                    "KEY ID", "STATE", "MANAGER", "VER", "CREATED"
+                );
+                for k in ks.keys() {
+                    println!(
+                        "{:<36}  {:<8}  {:<8}  {:>3}  {:<20}  {}",
+                        k.id,
+                        format!("{:?}", k.state),
+                        if k.manager == KeyManager::Service {
+                            "service"
+                        } else {
+                            "customer"
+                        },
+                        k.current_version(),
+                        fmt_time(k.created),
+                        k.aliases.join(",")
+                    );
+                }
+            }
+        }
+        KeyCmd::Describe { key, json } => {
+            let ks = open_keystore(g, false)?;
+            let k = ks.resolve(&key)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&key_json(k))?);
+            } else {
+                println!("Key id:       {}", k.id);
+                println!(
+                    "Aliases:      {}",
+                    if k.aliases.is_empty() {
+                        "-".into()
+                    } else {
+                        k.aliases.join(", ")
+                    }
+                );
+                println!("Description:  {}", k.description);
+                println!("State:        {:?}", k.state);
+                println!("Origin:       {:?}", k.origin);
+                println!(
+                    "Managed by:   {}",
+                    if k.manager == KeyManager::Service {
+                        "sealfs (service)"
+                    } else {
+                        "customer"
+                    }
+                );
+                println!("Created:      {}", fmt_time(k.created));
+                println!(
+                    "Versions:     {} (current v{})",
+                    k.versions.len(),
+                    k.current_version()
+                );
+                for v in &k.versions {
+                    println!("  v{:<4} created {}", v.version, fmt_time(v.created));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_create(g: &Global, store: &Path, kms_key: Option<String>, chunk_size: u32) -> Result<()> {
+    let ks = open_or_create_keystore(g)?;
+    let defaulted = kms_key.is_none();
+    let key = kms_key.unwrap_or_else(|| kms::DEFAULT_CONTENT_KEY_ALIAS.to_string());
+    let opts = CreateOptions {
+        chunk_size,
+        kms_key: key.clone(),
+        ..Default::default()
+    };
+    let mk = ks.resolve(&key)?.clone();
+    let vid = Volume::create(store, &ks, &opts)?;
+    if defaulted {
+        eprintln!(
+            "sealfs: no --kms-key given: file content is protected by the service-managed default key {} ({}); create your own with `sealfs key create --alias NAME`",
+            kms::DEFAULT_CONTENT_KEY_ALIAS, mk.id
+        );
+    }
+    println!("created volume {vid} at {}", store.display());
+    println!(
+        "content key: {} v{} ({})",
+        mk.id,
+        mk.current_version(),
+        mk.aliases.join(",")
+    );
+    Ok(())
+}
+
+fn key_label(ks: &Keystore, id: &str) -> String {
+    match ks.resolve(id) {
+        Ok(k) if !k.aliases.is_empty() => {
+            format!("{} ({}, {:?})", id, k.aliases.join(","), k.state)
+        }
+        Ok(k) => format!("{} ({:?})", id, k.state),
+        Err(_) => format!("{id} (not in this keystore)"),
+    }
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn cmd_info(g: &Global, store: &Path, json: bool) -> Result<()> {
+    let ks = open_keystore(g, false)?;
+    let i = Volume::info(store, &ks)?;
+    let in_use = store_in_use(store);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "volume_id": i.store_id,
+                "store": store,
+                "format_version": i.format_version,
+                "created": fmt_time(i.created),
+                "chunk_size": i.chunk_size,
+                "inline_max": i.inline_max,
+                "metadata_key": {"id": i.metadata_key.0, "version": i.metadata_key.1},
+                "content_key": {"id": i.content_key.0, "version": i.content_key.1},
+                "content_key_generation": i.content_gen,
+                "chunk_objects": i.chunk_objects,
+                "chunk_bytes": i.chunk_bytes,
+                "metadata_objects": i.meta_objects,
+                "metadata_bytes": i.meta_bytes,
+                "in_use": in_use,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("Store:          {}", store.display());
+    println!("Volume id:      {}", i.store_id);
+    println!("Format:         version {}", i.format_version);
+    println!("Created:        {}", fmt_time(i.created));
+    println!(
+        "Chunk size:     {} ({} B inline limit)",
+        human(i.chunk_size as u64),
+        i.inline_max
+    );
+    println!(
+        "Metadata key:   {} v{}",
+        key_label(&ks, &i.metadata_key.0),
+        i.metadata_key.1
+    );
+    println!(
+        "Content key:    {} v{} (generation {})",
+        key_label(&ks, &i.content_key.0),
+        i.content_key.1,
+        i.content_gen
+    );
+    println!(
+        "Chunks:         {} objects, {}",
+        i.chunk_objects,
+        human(i.chunk_bytes)
+    );
+    println!(
+        "Metadata:       {} objects, {}",
+        i.meta_objects,
+        human(i.meta_bytes)
+    );
+    println!(
+        "In use:         {}",
+        if in_use {
+            "yes (mounted or being changed)"
+        } else {
+            "no"
+        }
+    );
+    Ok(())
+}
+
+/// Whether another process holds the store lock.
+fn store_in_use(store: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(store.join(volume::LOCK_FILE)) else {
+        return false;
+    };
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => false,
+        Err(_) => true,
+    }
+}
+
+fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<()> {
+    let md = std::fs::metadata(mp).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow!("mountpoint {} does not exist; create it with `mkdir -p {}`", mp.display(), mp.display())
+        } else if e.raw_os_error() == Some(libc::ENOTCONN) {
+            anyhow!("mountpoint {} is a stale mount (its daemon died); clear it with `sealfs umount {}`", mp.display(), mp.display())
+        } else {
+            anyhow!("mountpoint {}: {e}", mp.display())
+        }
+    })?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", mp.display());
+    }
+    if !nonempty {
+        let mut rd = std::fs::read_dir(mp)
+            .with_context(|| format!("cannot read mountpoint {}", mp.display()))?;
+        if rd.next().is_some() {
+            bail!(
+                "mountpoint {} is not empty; mount on an empty directory (or pass -o nonempty to hide its contents)",
+                mp.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_mount(
+    g: &Global,
+    store: &Path,
+    mountpoint: &Path,
+    foreground: bool,
+    raw_opts: &[String],
+    daemon_child: bool,
+) -> Result<()> {
+    let mut o = MountOpts::default();
+    for r in raw_opts {
+        options::parse_into(&mut o, r).map_err(|e| anyhow!(e))?;
+    }
+    let mut g = g.clone();
+    if o.keystore.is_some() {
+        g.keystore = o.keystore.clone();
+    }
+    if o.key_file.is_some() {
+        g.key_file = o.key_file.clone();
+        g.passphrase_file = None;
+    }
+    if o.passphrase_file.is_some() {
+        g.passphrase_file = o.passphrase_file.clone();
+    }
+    let store = std::path::absolute(store)
+        .with_context(|| format!("bad store path {}", store.display()))?;
+    let mountpoint = std::path::absolute(mountpoint)
+        .with_context(|| format!("bad mountpoint {}", mountpoint.display()))?;
+    if !store.join(volume::HEADER_FILE).exists() {
+        bail!(
+            "{} is not a sealfs store (no {}); create one with `sealfs create`",
+            store.display(),
+            volume::HEADER_FILE
+        );
+    }
+    check_mountpoint(&mountpoint, o.nonempty)?;
+
+    if daemon_child {
+        return run_daemon_child(&g, &store, &mountpoint, &o);
+    }
+    if foreground {
+        let ks = open_keystore(&g, false)?;
+        let vol = open_volume(&store, &ks, &o)?;
+        drop(ks);
+        return serve(vol, &store, &mountpoint, &o, || {});
+    }
+    spawn_daemon(&g, &store, &mountpoint, raw_opts)
+}
+
+fn open_volume(store: &Path, ks: &Keystore, o: &MountOpts) -> Result<Arc<Volume>> {
+    let vo = OpenOptions2 {
+        read_only: o.read_only,
+        cache_bytes: o.cache_mib << 20,
+        ..Default::default()
+    };
+    let vol = Volume::open(store, ks, &vo)?;
+    Ok(vol)
+}
+
+/// Mount and serve until unmounted. `ready` runs once the mount is live.
+fn serve(
+    vol: Arc<Volume>,
+    store: &Path,
+    mountpoint: &Path,
+    o: &MountOpts,
+    ready: impl FnOnce(),
+) -> Result<()> {
+    use fuser::MountOption as M;
+    let mut mo = vec![
+        M::FSName(store.display().to_string()),
+        M::Subtype("sealfs".into()),
+        M::DefaultPermissions,
+    ];
+    if o.read_only {
+        mo.push(M::RO);
+    }
+    if o.noatime {
+        mo.push(M::NoAtime);
+    }
+    if o.nosuid {
+        mo.push(M::NoSuid);
+    }
+    if o.nodev {
+        mo.push(M::NoDev);
+    }
+    if o.noexec {
+        mo.push(M::NoExec);
+    }
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = mo;
+    cfg.n_threads = Some(o.threads);
+    cfg.acl = if o.allow_other {
+        fuser::SessionACL::All
+    } else if o.allow_root {
+        fuser::SessionACL::RootAndOwner
+    } else {
+        fuser::SessionACL::Owner
+    };
+    vol.start_background_commits(Duration::from_secs(o.commit_secs));
+    let fs = crate::fuse::SealFs::new(vol.clone());
+    let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
+    let mut session = session;
+    let mut unmounter = session.unmount_callable();
+    // SIGTERM / SIGINT / SIGHUP: unmount cleanly; the session then ends and
+    // everything is committed below.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
+    let sig_handle = signals.handle();
+    let mp = mountpoint.to_path_buf();
+    std::thread::Builder::new()
+        .name("sealfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: unmounting {}", mp.display());
+                if own_mount {
+                    if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
+                        let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+                    }
+                } else if unmounter.unmount().is_err() {
+                    let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    log::info!("mounted {} on {}", store.display(), mountpoint.display());
+    ready();
+    let r = session.run();
+    sig_handle.close();
+    let closed = vol.close();
+    r.with_context(|| {
+        format!(
+            "FUSE session for {} ended with an error",
+            mountpoint.display()
+        )
+    })?;
+    closed.map_err(|e| anyhow!("final commit of {} failed: {e}", store.display()))?;
+    Ok(())
+}
+
+/// Mount the volume. As root, sealfs calls mount(2) itself with file-system
+/// type `fuse.sealfs` and the store as source (so findmnt and `sealfs umount`
+/// can tell it apart); other users go through fusermount3.
+fn mount_session(
+    fs: crate::fuse::SealFs,
+    store: &Path,
+    mountpoint: &Path,
+    o: &MountOpts,
+    cfg: &fuser::Config,
+) -> Result<(fuser::Session<crate::fuse::SealFs>, bool)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: &dyn std::fmt::Display| {
+        let hint = if e.to_string().contains("user_allow_other") {
+            " (allow_other for non-root users needs `user_allow_other` in /etc/fuse.conf)"
+        } else {
+            ""
+        };
+        anyhow!(
+            "cannot mount {} on {}: {e}{hint}",
+            store.display(),
+            mountpoint.display()
+        )
+    };
+    if !rustix::process::geteuid().is_root() {
+        let s = fuser::Session::new(fs, mountpoint, cfg).map_err(|e| fail(&e))?;
+        return Ok((s, false));
+    }
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| anyhow!("cannot open /dev/fuse: {e}; load the module with `modprobe fuse`"))?;
+    let mode = std::fs::metadata(mountpoint)?.permissions().mode();
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions",
+        dev.as_raw_fd(),
+        mode & libc::S_IFMT,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw()
+    );
+    if o.allow_other || o.allow_root {
+        data.push_str(",allow_other");
+    }
+    let mut flags = rustix::mount::MountFlags::empty();
+    for (on, f) in [
+        (o.read_only, rustix::mount::MountFlags::RDONLY),
+        (o.nosuid, rustix::mount::MountFlags::NOSUID),
+        (o.nodev, rustix::mount::MountFlags::NODEV),
+        (o.noexec, rustix::mount::MountFlags::NOEXEC),
+        (o.noatime, rustix::mount::MountFlags::NOATIME),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    let data_c = std::ffi::CString::new(data).map_err(|_| anyhow!("bad mount options"))?;
+    let source = std::ffi::CString::new(store.as_os_str().as_bytes())
+        .map_err(|_| anyhow!("store path contains a NUL byte"))?;
+    rustix::mount::mount(
+        source.as_c_str(),
+        mountpoint,
+        "fuse.sealfs",
+        flags,
+        data_c.as_c_str(),
+    )
+    .map_err(|e| fail(&e))?;
+    match fuser::Session::from_fd(fs, dev.into(), cfg.acl, cfg.clone()) {
+        Ok(s) => Ok((s, true)),
+        Err(e) => {
+            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            Err(fail(&e))
+        }
+    }
+}
+
+/// Parent side of `sealfs mount` without -f: start the daemon, hand it the
+/// passphrase over a pipe, and wait until it reports the mount live (or why
+/// it failed).
+fn spawn_daemon(g: &Global, store: &Path, mountpoint: &Path, raw_opts: &[String]) -> Result<()> {
+    let ks_path = keystore_path(g);
+    // Collect a typed passphrase here, where the terminal is.
+    let pass = if g.key_file.is_none() && g.passphrase_file.is_none() {
+        match secret(g, &ks_path, false)? {
+            KeystoreSecret::Passphrase(p) => Some(p),
+            KeystoreSecret::KeyFile(_) => None,
+        }
+    } else {
+        None
+    };
+    let exe = std::env::current_exe().context("cannot find the sealfs executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--keystore").arg(&ks_path);
+    if let Some(k) = &g.key_file {
+        cmd.arg("--key-file").arg(std::path::absolute(k)?);
+    } else if let Some(p) = &g.passphrase_file {
+        cmd.arg("--passphrase-file").arg(std::path::absolute(p)?);
+    }
+    for _ in 0..g.verbose {
+        cmd.arg("-v");
+    }
+    cmd.arg("mount").arg("--daemon-child");
+    for o in raw_opts {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(store).arg(mountpoint);
+    cmd.env_remove("SEALFS_KEY_FILE")
+        .env_remove("SEALFS_PASSPHRASE_FILE");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("cannot start the sealfs daemon")?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        if let Some(p) = &pass {
+            stdin
+                .write_all(b"P")
+                .and_then(|_| stdin.write_all(p.as_bytes()))
+                .ok();
+        }
+    }
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).ok();
+    if line.trim() == "READY" {
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    let _ = child.wait();
+    let msg = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim_start_matches("sealfs: error: "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if msg.is_empty() {
+        bail!("the sealfs daemon exited before the mount was ready");
+    }
+    bail!("{msg}")
+}
+
+/// Daemon side: read the passphrase (if any) from stdin, open the volume,
+/// mount, report READY on stdout, then detach from the terminal.
+fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) -> Result<()> {
+    let mut input = Zeroizing::new(Vec::new());
+    std::io::stdin().read_to_end(&mut input).ok();
+    let ks_path = keystore_path(g);
+    let sec = if input.first() == Some(&b'P') {
+        let p = String::from_utf8(input[1..].to_vec())
+            .map_err(|_| anyhow!("passphrase is not UTF-8"))?;
+        KeystoreSecret::Passphrase(Zeroizing::new(p))
+    } else {
+        secret(g, &ks_path, false)?
+    };
+    if !ks_path.exists() {
+        return Err(kms::KmsError::NotFound(ks_path).into());
+    }
+    let ks = Keystore::open(&ks_path, &sec, false)?;
+    drop(sec);
+    let vol = open_volume(store, &ks, o)?;
+    drop(ks);
+    let _ = rustix::process::setsid();
+    let log_path = o.log.clone();
+    serve(vol, store, mountpoint, o, move || {
+        // Report success, then route stdout/stderr to the log (or nowhere).
+        println!("READY");
+        let _ = std::io::stdout().flush();
+        let target = log_path
+            .as_ref()
+            .and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            })
+            .or_else(|| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/null")
+                    .ok()
+            });
+        if let Some(f) = target {
+            let _ = rustix::stdio::dup2_stdout(&f);
+            let _ = rustix::stdio::dup2_stderr(&f);
+        }
+    })
+}
+
+/// Find the store of a sealfs mount from /proc/self/mountinfo.
+fn mount_source(mp: &Path) -> Option<(PathBuf, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mp.as_os_str().as_bytes();
+    let mut found = None;
+    for line in info.lines() {
+        let (pre, post) = line.split_once(" - ")?;
+        let f: Vec<&str> = pre.split(' ').collect();
+        let p: Vec<&str> = post.split(' ').collect();
+        if f.len() < 5 || p.len() < 2 {
+            continue;
+        }
+        let target = unescape_mountinfo(f[4]);
+        if target.as_bytes() == want {
+            found = Some((PathBuf::from(unescape_mountinfo(p[1])), p[0].to_string()));
+        }
+    }
+    found
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn cmd_umount(mp: &Path, lazy: bool) -> Result<()> {
+    let mp = std::path::absolute(mp)?;
+    let src = mount_source(&mp);
+    let Some((store, fstype)) = src else {
+        bail!("{} is not mounted", mp.display());
+    };
+    if fstype != "fuse.sealfs" && !(fstype == "fuse" && store.join(volume::HEADER_FILE).exists()) {
+        bail!(
+            "{} is a {fstype} mount, not sealfs; use umount(8)",
+            mp.display()
+        );
+    }
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(&mp, flags) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::PERM => {
+            let mut c = Command::new("fusermount3");
+            c.arg("-u");
+            if lazy {
+                c.arg("-z");
+            }
+            let st = c
+                .arg(&mp)
+                .status()
+                .context("cannot run fusermount3 (install the fuse3 package)")?;
+            if !st.success() {
+                bail!("fusermount3 -u {} failed", mp.display());
+            }
+        }
+        Err(e) if e == rustix::io::Errno::BUSY => {
+            bail!("{} is busy (a process uses files in it); close them, or use `sealfs umount --lazy`", mp.display())
+        }
+        Err(e) if e == rustix::io::Errno::NOTCONN => {
+            rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| anyhow!("cannot clear the stale mount {}: {e}", mp.display()))?;
+        }
+        Err(e) => bail!("cannot unmount {}: {e}", mp.display()),
+    }
+    // Wait for the daemon to finish its final commit and release the store.
+    if store.join(volume::LOCK_FILE).exists() {
+        let start = Instant::now();
+        while store_in_use(&store) {
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "{} is unmounted, but its daemon is still writing to {} after 120 s",
+                    mp.display(),
+                    store.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_format() {
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_time(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(fmt_time(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn cli_parses() {
+        Cli::command_check();
+    }
+
+    impl Cli {
+        fn command_check() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+        }
+    }
+}

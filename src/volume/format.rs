@@ -1,0 +1,632 @@
+//! Byte-exact encodings of everything a volume writes to its store. Every
+//! layout here is described in docs/FORMAT.md; change one and you must bump
+//! [`FORMAT_VERSION`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, AeadKey, Key32, TAG_LEN};
+use crate::kms::WrappedKey;
+
+/// Store format version, checked on every open.
+pub const FORMAT_VERSION: u16 = 1;
+/// Magic at the start of `sealfs.store`.
+pub const HEADER_MAGIC: &[u8; 8] = b"SEALFSV\0";
+/// Magic of a chunk object.
+pub const CHUNK_MAGIC: &[u8; 4] = b"SFCK";
+/// Magic of a journal record.
+pub const JOURNAL_MAGIC: &[u8; 4] = b"SFJR";
+/// Magic of a checkpoint.
+pub const CHECKPOINT_MAGIC: &[u8; 4] = b"SFCP";
+/// Plaintext bytes per checkpoint frame.
+pub const CHECKPOINT_FRAME: usize = 1 << 20;
+/// Largest header we accept.
+pub const MAX_HEADER: usize = 64 * 1024;
+
+/// HKDF labels for the volume sub-keys.
+pub const LABEL_META: &[u8] = b"sealfs v1 metadata aead";
+/// Header MAC key label.
+pub const LABEL_HEADER_MAC: &[u8] = b"sealfs v1 header mac";
+/// Content key label.
+pub const LABEL_CONTENT: &[u8] = b"sealfs v1 content aead";
+
+/// A store or object could not be decoded or authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{0}")]
+    Bad(String),
+    #[error("unsupported store format version {found} (this sealfs reads version {supported}); upgrade sealfs")]
+    Version { found: u16, supported: u16 },
+}
+
+fn bad(s: impl Into<String>) -> FormatError {
+    FormatError::Bad(s.into())
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timespec {
+    /// The current time.
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// The kind of an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// Reference from a file to one encrypted chunk object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Random object id; the object is `chunks/<hex(id)[..2]>/<hex(id)>`.
+    pub id: [u8; 16],
+    /// Commit sequence number at which the chunk was written (birth epoch).
+    pub epoch: u64,
+    /// Plaintext length of the chunk.
+    pub len: u32,
+}
+
+impl ChunkRef {
+    /// Object name of the chunk.
+    pub fn name(&self) -> String {
+        hex::encode(self.id)
+    }
+}
+
+/// Persistent content of an inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordData {
+    /// Regular file, small content kept inline, sealed with the content key.
+    InlineFile(Vec<u8>),
+    /// Regular file in chunks: chunk index -> chunk.
+    ChunkedFile(Vec<(u64, ChunkRef)>),
+    /// Directory: parent inode and entries name -> inode.
+    Dir {
+        parent: u64,
+        entries: Vec<(Vec<u8>, u64)>,
+    },
+    /// Symlink target.
+    Symlink(Vec<u8>),
+    /// FIFO, socket or device node.
+    Special,
+}
+
+/// One inode as persisted in journal records and checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeRecord {
+    pub kind: FileKind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub data: RecordData,
+}
+
+/// The body of one journal record: the inodes changed by one commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalBody {
+    pub next_ino: u64,
+    pub upserts: Vec<(u64, InodeRecord)>,
+    pub deletes: Vec<u64>,
+}
+
+/// The body of a checkpoint: the whole inode table at its sequence number.
+/// A checkpoint *is* the commit of its sequence number: the next journal
+/// record chains to the tag of the checkpoint's last frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointBody {
+    pub next_ino: u64,
+    pub inodes: Vec<(u64, InodeRecord)>,
+}
+
+/// The authenticated, mostly-plaintext body of `sealfs.store`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderBody {
+    pub store_id: [u8; 16],
+    pub created: u64,
+    pub chunk_size: u32,
+    pub inline_max: u32,
+    /// Volume metadata key, wrapped by the service key.
+    pub vmk: WrappedKey,
+    /// Volume content key, wrapped by the user's master key.
+    pub vck: WrappedKey,
+    /// Generation of the content key (bumped by a full re-key).
+    pub content_gen: u32,
+}
+
+/// Encode the header: `magic ‖ version ‖ body_len ‖ body ‖ HMAC`.
+pub fn encode_header(body: &HeaderBody, mac_key: &Key32) -> Vec<u8> {
+    let b = postcard::to_stdvec(body).expect("serializable");
+    let mut out = Vec::with_capacity(14 + b.len() + 32);
+    out.extend_from_slice(HEADER_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(&b);
+    let mac = crypto::hmac(mac_key, &out);
+    out.extend_from_slice(&mac);
+    out
+}
+
+/// Parse the header without verifying the MAC (the MAC key is derived from
+/// the VMK, which is only known after unwrapping). Returns the body and the
+/// (authenticated part, mac) split for [`verify_header`].
+pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
+    if data.len() < 14 + 32 || &data[..8] != HEADER_MAGIC {
+        return Err(bad("not a sealfs store header (bad magic or too short)"));
+    }
+    let version = u16::from_le_bytes([data[8], data[9]]);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let len = u32::from_le_bytes(data[10..14].try_into().expect("4")) as usize;
+    if data.len() != 14 + len + 32 {
+        return Err(bad(
+            "store header length does not match its contents (truncated or extended)",
+        ));
+    }
+    let body: HeaderBody = postcard::from_bytes(&data[14..14 + len])
+        .map_err(|_| bad("store header body does not parse"))?;
+    if !(4096..=(16 << 20)).contains(&body.chunk_size) || !body.chunk_size.is_power_of_two() {
+        return Err(bad("store header has an invalid chunk size"));
+    }
+    Ok(body)
+}
+
+/// Verify the header MAC in constant time.
+pub fn verify_header(data: &[u8], mac_key: &Key32) -> bool {
+    if data.len() < 32 {
+        return false;
+    }
+    let (msg, mac) = data.split_at(data.len() - 32);
+    crypto::hmac_verify(mac_key, msg, mac)
+}
+
+fn chunk_ad(store_id: &[u8; 16], id: &[u8; 16], gen: u32) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(16 + 16 + 16 + 4);
+    ad.extend_from_slice(b"sealfs-chunk-v1\0");
+    ad.extend_from_slice(store_id);
+    ad.extend_from_slice(id);
+    ad.extend_from_slice(&gen.to_le_bytes());
+    ad
+}
+
+/// Seal a chunk object: `magic ‖ version ‖ gen ‖ nonce ‖ ciphertext ‖ tag`.
+pub fn seal_chunk(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    id: &[u8; 16],
+    gen: u32,
+    plain: &[u8],
+) -> Vec<u8> {
+    let sealed = key.seal(&chunk_ad(store_id, id, gen), plain);
+    let mut out = Vec::with_capacity(10 + sealed.len());
+    out.extend_from_slice(CHUNK_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&gen.to_le_bytes());
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// Open a chunk object; fails on any modification, swap or truncation.
+pub fn open_chunk(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    id: &[u8; 16],
+    gen: u32,
+    data: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    if data.len() < 10 || &data[..4] != CHUNK_MAGIC {
+        return Err(bad("chunk object has a bad header"));
+    }
+    if u16::from_le_bytes([data[4], data[5]]) != FORMAT_VERSION {
+        return Err(bad("chunk object has an unknown format version"));
+    }
+    let g = u32::from_le_bytes(data[6..10].try_into().expect("4"));
+    if g != gen {
+        return Err(bad(
+            "chunk object belongs to another content-key generation",
+        ));
+    }
+    key.open(&chunk_ad(store_id, id, gen), &data[10..])
+        .map_err(|_| bad("chunk object failed authentication"))
+}
+
+fn inline_ad(store_id: &[u8; 16], ino: u64) -> Vec<u8> {
+    let mut ad = b"sealfs-inline-v1".to_vec();
+    ad.extend_from_slice(store_id);
+    ad.extend_from_slice(&ino.to_le_bytes());
+    ad
+}
+
+/// Seal inline file content under the content key.
+pub fn seal_inline(key: &AeadKey, store_id: &[u8; 16], ino: u64, plain: &[u8]) -> Vec<u8> {
+    key.seal(&inline_ad(store_id, ino), plain)
+}
+
+/// Open inline file content.
+pub fn open_inline(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    ino: u64,
+    sealed: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    key.open(&inline_ad(store_id, ino), sealed)
+        .map_err(|_| bad("inline file content failed authentication"))
+}
+
+/// Object name of journal record `seq`.
+pub fn journal_name(seq: u64) -> String {
+    format!("journal-{seq:016x}")
+}
+
+/// Object name of checkpoint `seq`.
+pub fn checkpoint_name(seq: u64) -> String {
+    format!("checkpoint-{seq:016x}")
+}
+
+/// Parse an object name `prefix-<16 hex>`.
+pub fn parse_seq(name: &str, prefix: &str) -> Option<u64> {
+    let rest = name.strip_prefix(prefix)?.strip_prefix('-')?;
+    if rest.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(rest, 16).ok()
+}
+
+fn journal_ad(store_id: &[u8; 16], seq: u64, prev_tag: &[u8; TAG_LEN]) -> Vec<u8> {
+    let mut ad = b"sealfs-journal-v1".to_vec();
+    ad.extend_from_slice(store_id);
+    ad.extend_from_slice(&seq.to_le_bytes());
+    ad.extend_from_slice(prev_tag);
+    ad
+}
+
+/// Seal a journal record. Returns the object bytes and the record's tag.
+pub fn seal_journal(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    seq: u64,
+    prev_tag: &[u8; TAG_LEN],
+    body: &JournalBody,
+) -> (Vec<u8>, [u8; TAG_LEN]) {
+    let plain = postcard::to_stdvec(body).expect("serializable");
+    let sealed = key.seal(&journal_ad(store_id, seq, prev_tag), &plain);
+    let tag = crypto::tag_of(&sealed);
+    let mut out = Vec::with_capacity(14 + sealed.len());
+    out.extend_from_slice(JOURNAL_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&sealed);
+    (out, tag)
+}
+
+/// Open a journal record that must have sequence number `seq` and follow
+/// the record whose tag is `prev_tag`.
+pub fn open_journal(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    seq: u64,
+    prev_tag: &[u8; TAG_LEN],
+    data: &[u8],
+) -> Result<(JournalBody, [u8; TAG_LEN]), FormatError> {
+    if data.len() < 14 || &data[..4] != JOURNAL_MAGIC {
+        return Err(bad(format!("journal record {seq} has a bad header")));
+    }
+    if u16::from_le_bytes([data[4], data[5]]) != FORMAT_VERSION {
+        return Err(bad(format!(
+            "journal record {seq} has an unknown format version"
+        )));
+    }
+    if u64::from_le_bytes(data[6..14].try_into().expect("8")) != seq {
+        return Err(bad(format!(
+            "journal record {seq} carries another sequence number"
+        )));
+    }
+    let sealed = &data[14..];
+    let plain = key
+        .open(&journal_ad(store_id, seq, prev_tag), sealed)
+        .map_err(|_| bad(format!("journal record {seq} failed authentication (modified, reordered, or from another store)")))?;
+    let body = postcard::from_bytes(&plain)
+        .map_err(|_| bad(format!("journal record {seq} does not parse")))?;
+    Ok((body, crypto::tag_of(sealed)))
+}
+
+fn checkpoint_ad(store_id: &[u8; 16], seq: u64, index: u32, last: bool) -> Vec<u8> {
+    let mut ad = b"sealfs-checkpoint-v1".to_vec();
+    ad.extend_from_slice(store_id);
+    ad.extend_from_slice(&seq.to_le_bytes());
+    ad.extend_from_slice(&index.to_le_bytes());
+    ad.push(last as u8);
+    ad
+}
+
+/// Seal a checkpoint in STREAM-style frames:
+/// `magic ‖ version ‖ seq ‖ frames`, each frame `len(u32) ‖ nonce ‖ ct ‖ tag`.
+/// Returns the object and the tag of its last frame.
+pub fn seal_checkpoint(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    seq: u64,
+    body: &CheckpointBody,
+) -> (Vec<u8>, [u8; TAG_LEN]) {
+    let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
+    let mut out = Vec::with_capacity(plain.len() + 64);
+    out.extend_from_slice(CHECKPOINT_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    let frames: Vec<&[u8]> = if plain.is_empty() {
+        vec![&[][..]]
+    } else {
+        plain.chunks(CHECKPOINT_FRAME).collect()
+    };
+    let n = frames.len();
+    let mut tag = [0u8; TAG_LEN];
+    for (i, f) in frames.into_iter().enumerate() {
+        let sealed = key.seal(&checkpoint_ad(store_id, seq, i as u32, i + 1 == n), f);
+        tag = crypto::tag_of(&sealed);
+        out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&sealed);
+    }
+    (out, tag)
+}
+
+/// Open a checkpoint that must have sequence number `seq`; returns the body
+/// and the tag of its last frame.
+pub fn open_checkpoint(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    seq: u64,
+    data: &[u8],
+) -> Result<(CheckpointBody, [u8; TAG_LEN]), FormatError> {
+    if data.len() < 14 || &data[..4] != CHECKPOINT_MAGIC {
+        return Err(bad(format!("checkpoint {seq} has a bad header")));
+    }
+    if u16::from_le_bytes([data[4], data[5]]) != FORMAT_VERSION {
+        return Err(bad(format!(
+            "checkpoint {seq} has an unknown format version"
+        )));
+    }
+    if u64::from_le_bytes(data[6..14].try_into().expect("8")) != seq {
+        return Err(bad(format!(
+            "checkpoint {seq} carries another sequence number"
+        )));
+    }
+    let mut plain = zeroize::Zeroizing::new(Vec::new());
+    let mut pos = 14;
+    let mut index = 0u32;
+    let tag;
+    loop {
+        if data.len() < pos + 4 {
+            return Err(bad(format!("checkpoint {seq} is truncated")));
+        }
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
+        pos += 4;
+        if data.len() < pos + len {
+            return Err(bad(format!("checkpoint {seq} is truncated")));
+        }
+        let frame = &data[pos..pos + len];
+        pos += len;
+        let last = pos == data.len();
+        let p = key
+            .open(&checkpoint_ad(store_id, seq, index, last), frame)
+            .map_err(|_| bad(format!("checkpoint {seq} frame {index} failed authentication (modified, truncated or reordered)")))?;
+        plain.extend_from_slice(&p);
+        if last {
+            tag = crypto::tag_of(frame);
+            break;
+        }
+        index += 1;
+    }
+    let body = postcard::from_bytes(&plain)
+        .map_err(|_| bad(format!("checkpoint {seq} does not parse")))?;
+    Ok((body, tag))
+}
+
+/// Convert a sorted map into the vector form used on disk.
+pub fn map_to_vec<K: Clone + Ord, V: Clone>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Key32;
+
+    fn key() -> AeadKey {
+        AeadKey::new(&Key32::from_bytes([7u8; 32]))
+    }
+
+    fn sample_record() -> InodeRecord {
+        InodeRecord {
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            nlink: 1,
+            rdev: 0,
+            size: 3,
+            atime: Timespec { sec: 1, nsec: 2 },
+            mtime: Timespec { sec: 3, nsec: 4 },
+            ctime: Timespec { sec: 5, nsec: 6 },
+            crtime: Timespec { sec: 7, nsec: 8 },
+            xattrs: vec![(b"user.a".to_vec(), b"b".to_vec())],
+            data: RecordData::InlineFile(vec![1, 2, 3]),
+        }
+    }
+
+    /// Known-answer vector for the postcard encoding of an inode record:
+    /// pins the on-disk layout documented in docs/FORMAT.md.
+    #[test]
+    fn inode_record_encoding_vector() {
+        let bytes = postcard::to_stdvec(&sample_record()).unwrap();
+        assert_eq!(
+            hex::encode(&bytes),
+            // kind=0 perm=0x1a4(varint a4 03) uid=1 gid=2 nlink=1 rdev=0 size=3
+            // atime=(1,2) mtime=(3,4) ctime=(5,6) crtime=(7,8) as zigzag-i64 + u32 varints,
+            // 1 xattr ("user.a" = "b"), data variant 0 (InlineFile) with 3 bytes
+            "00a4030102010003020206040a060e080106757365722e6101620003010203"
+        );
+        let back: InodeRecord = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, sample_record());
+    }
+
+    /// Known-answer vector for a chunk object with a fixed nonce.
+    #[test]
+    fn chunk_object_vector() {
+        let k = key();
+        let sid = [1u8; 16];
+        let id = [2u8; 16];
+        let mut ad = b"sealfs-chunk-v1\0".to_vec();
+        ad.extend_from_slice(&sid);
+        ad.extend_from_slice(&id);
+        ad.extend_from_slice(&1u32.to_le_bytes());
+        let sealed = k.seal_with_nonce(&[9u8; 12], &ad, b"hello");
+        let mut obj = b"SFCK".to_vec();
+        obj.extend_from_slice(&[1, 0, 1, 0, 0, 0]);
+        obj.extend_from_slice(&sealed);
+        assert_eq!(open_chunk(&k, &sid, &id, 1, &obj).unwrap(), b"hello");
+        assert_eq!(obj.len(), 10 + 12 + 5 + 16);
+        assert_eq!(&obj[..10], b"SFCK\x01\x00\x01\x00\x00\x00");
+    }
+
+    #[test]
+    fn chunk_tamper_swap_and_store_binding() {
+        let k = key();
+        let sid = [1u8; 16];
+        let a = seal_chunk(&k, &sid, &[2u8; 16], 1, b"data-a");
+        assert_eq!(open_chunk(&k, &sid, &[2u8; 16], 1, &a).unwrap(), b"data-a");
+        // swapped under another id
+        assert!(open_chunk(&k, &sid, &[3u8; 16], 1, &a).is_err());
+        // another store
+        assert!(open_chunk(&k, &[9u8; 16], &[2u8; 16], 1, &a).is_err());
+        // other generation
+        assert!(open_chunk(&k, &sid, &[2u8; 16], 2, &a).is_err());
+        for i in 0..a.len() {
+            let mut t = a.clone();
+            t[i] ^= 0x80;
+            assert!(open_chunk(&k, &sid, &[2u8; 16], 1, &t).is_err(), "flip {i}");
+        }
+        assert!(open_chunk(&k, &sid, &[2u8; 16], 1, &a[..a.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn journal_chain() {
+        let k = key();
+        let sid = [1u8; 16];
+        let body = JournalBody {
+            next_ino: 5,
+            upserts: vec![(2, sample_record())],
+            deletes: vec![3],
+        };
+        let (r1, t1) = seal_journal(&k, &sid, 1, &[0; 16], &body);
+        let (r2, _t2) = seal_journal(&k, &sid, 2, &t1, &body);
+        let (b, t) = open_journal(&k, &sid, 1, &[0; 16], &r1).unwrap();
+        assert_eq!(b, body);
+        assert_eq!(t, t1);
+        open_journal(&k, &sid, 2, &t1, &r2).unwrap();
+        // reorder: record 2 presented as 1, or chained after the wrong tag
+        assert!(open_journal(&k, &sid, 1, &[0; 16], &r2).is_err());
+        assert!(open_journal(&k, &sid, 2, &[0; 16], &r2).is_err());
+        let mut r2b = r2.clone();
+        r2b[6..14].copy_from_slice(&1u64.to_le_bytes());
+        assert!(open_journal(&k, &sid, 1, &[0; 16], &r2b).is_err());
+    }
+
+    #[test]
+    fn checkpoint_frames() {
+        let k = key();
+        let sid = [1u8; 16];
+        let mut inodes = Vec::new();
+        for i in 0..30000u64 {
+            let mut r = sample_record();
+            r.data = RecordData::InlineFile(vec![i as u8; 100]);
+            inodes.push((i, r));
+        }
+        let body = CheckpointBody {
+            next_ino: 40000,
+            inodes,
+        };
+        let (c, tag) = seal_checkpoint(&k, &sid, 7, &body);
+        assert!(c.len() > 2 * CHECKPOINT_FRAME, "several frames");
+        assert_eq!(open_checkpoint(&k, &sid, 7, &c).unwrap(), (body, tag));
+        assert!(open_checkpoint(&k, &sid, 8, &c).is_err());
+        // truncation at a frame boundary: drop the last frame
+        let first_len = u32::from_le_bytes(c[14..18].try_into().unwrap()) as usize;
+        let cut = 14 + 4 + first_len;
+        assert!(open_checkpoint(&k, &sid, 7, &c[..cut]).is_err());
+        assert!(open_checkpoint(&k, &sid, 7, &c[..c.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn header_roundtrip_and_mac() {
+        let mk = Key32::from_bytes([5u8; 32]);
+        let w = WrappedKey {
+            key_id: "k".into(),
+            key_version: 1,
+            sealed: vec![1, 2, 3],
+        };
+        let body = HeaderBody {
+            store_id: [4; 16],
+            created: 9,
+            chunk_size: 65536,
+            inline_max: 4096,
+            vmk: w.clone(),
+            vck: w,
+            content_gen: 1,
+        };
+        let h = encode_header(&body, &mk);
+        assert_eq!(&h[..10], b"SEALFSV\0\x01\x00");
+        assert_eq!(decode_header(&h).unwrap(), body);
+        assert!(verify_header(&h, &mk));
+        let mut t = h.clone();
+        let n = t.len();
+        t[n - 40] ^= 1;
+        assert!(!verify_header(&t, &mk));
+        let mut v = h.clone();
+        v[8] = 2;
+        assert!(matches!(
+            decode_header(&v),
+            Err(FormatError::Version { found: 2, .. })
+        ));
+        assert!(decode_header(&h[..h.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(journal_name(10), "journal-000000000000000a");
+        assert_eq!(parse_seq("journal-000000000000000a", "journal"), Some(10));
+        assert_eq!(parse_seq("checkpoint-000000000000000a", "journal"), None);
+        assert_eq!(parse_seq("journal-xx", "journal"), None);
+    }
+}

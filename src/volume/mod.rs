@@ -1,0 +1,1945 @@
+//! The volume layer: an encrypted POSIX-ish inode tree over an object store.
+//!
+//! It knows nothing about FUSE. Inodes live in memory while the volume is
+//! open; changes are persisted as sealed journal records (one per commit)
+//! and periodic sealed checkpoints. File content is cut into fixed-size
+//! chunks, each an immutable encrypted object; small files are kept inline
+//! in the metadata, sealed with the content key.
+//!
+//! Crash rule: chunk objects are written (and synced) first, then the
+//! journal record that refers to them, and only then are replaced objects
+//! deleted.
+
+pub mod format;
+mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::crypto::{self, AeadKey, Key32};
+use crate::kms::{self, KeyState, Keystore, KmsError};
+use crate::store::{self, Kind, LocalDirStore, ObjectStore};
+use format::*;
+pub use format::{FileKind, Timespec};
+use state::{FileData, Inode, InodeData, State};
+
+/// Name of the header object in a store directory.
+pub const HEADER_FILE: &str = "sealfs.store";
+/// Name of the lock file in a store directory.
+pub const LOCK_FILE: &str = "lock";
+/// Inode number of the root directory.
+pub const ROOT_INO: u64 = 1;
+/// Default chunk size.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// Files up to this size are kept inline in (content-key-sealed) metadata.
+pub const DEFAULT_INLINE_MAX: u32 = 4096;
+/// Longest file name.
+pub const NAME_MAX: usize = 255;
+/// Largest xattr value.
+pub const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// A checkpoint is written after this many journal records.
+const CHECKPOINT_RECORDS: u64 = 512;
+/// ... or after this many journal bytes.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Dirty chunk buffers are encrypted and written out beyond this many bytes.
+const DIRTY_LIMIT: usize = 128 << 20;
+
+/// An error from a file-system operation, as an errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsError(pub i32);
+
+impl FsError {
+    pub const NOENT: FsError = FsError(libc::ENOENT);
+    pub const EXIST: FsError = FsError(libc::EEXIST);
+    pub const NOTDIR: FsError = FsError(libc::ENOTDIR);
+    pub const ISDIR: FsError = FsError(libc::EISDIR);
+    pub const NOTEMPTY: FsError = FsError(libc::ENOTEMPTY);
+    pub const INVAL: FsError = FsError(libc::EINVAL);
+    pub const NAMETOOLONG: FsError = FsError(libc::ENAMETOOLONG);
+    pub const NODATA: FsError = FsError(libc::ENODATA);
+    pub const RANGE: FsError = FsError(libc::ERANGE);
+    pub const IO: FsError = FsError(libc::EIO);
+    pub const ROFS: FsError = FsError(libc::EROFS);
+    pub const PERM: FsError = FsError(libc::EPERM);
+    pub const NOTSUP: FsError = FsError(libc::EOPNOTSUPP);
+    pub const NXIO: FsError = FsError(libc::ENXIO);
+    pub const FBIG: FsError = FsError(libc::EFBIG);
+    pub const TOOBIG: FsError = FsError(libc::E2BIG);
+    pub const NOSPC: FsError = FsError(libc::ENOSPC);
+}
+
+impl From<io::Error> for FsError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) => FsError::NOSPC,
+            Some(libc::EDQUOT) => FsError(libc::EDQUOT),
+            _ => FsError::IO,
+        }
+    }
+}
+
+impl std::fmt::Display for FsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl std::error::Error for FsError {}
+
+/// Result of a file-system operation.
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Why a store could not be created or opened. Every message says what
+/// happened and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is not a sealfs store (no {HEADER_FILE}); create one with `sealfs create`")]
+    NotAStore(PathBuf),
+    #[error("{0} already exists and is not empty; choose a new path for the store")]
+    NotEmpty(PathBuf),
+    #[error("store {path} is in use by another sealfs process{holder}; unmount it first (`sealfs umount MOUNTPOINT`) or wait for the other command to finish")]
+    InUse { path: PathBuf, holder: String },
+    #[error("store {path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
+    #[error("store {path}: the header failed authentication: it was modified or belongs to another keystore; refusing to open")]
+    HeaderTampered { path: PathBuf },
+    #[error("store {path}: metadata is damaged: {why}; refusing to mount (restore the store from a backup)")]
+    Metadata { path: PathBuf, why: String },
+    #[error("store {path}: rollback detected: the store is at commit {found} but this machine has seen commit {seen}; someone replaced it with an older copy. If that was you, delete {state_file} to accept it")]
+    Rollback {
+        path: PathBuf,
+        found: u64,
+        seen: u64,
+        state_file: PathBuf,
+    },
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    #[error("invalid chunk size {0}: use a power of two from 4096 to 16777216")]
+    BadChunkSize(u32),
+}
+
+/// Options for [`Volume::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub chunk_size: u32,
+    pub inline_max: u32,
+    /// Key id or alias of the master key for file content.
+    pub kms_key: String,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            inline_max: DEFAULT_INLINE_MAX,
+            kms_key: kms::DEFAULT_CONTENT_KEY_ALIAS.to_string(),
+        }
+    }
+}
+
+/// Options for [`Volume::open`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions2 {
+    pub read_only: bool,
+    /// Bytes of decrypted chunks kept in the LRU cache.
+    pub cache_bytes: usize,
+    /// Directory for local state (last seen commit per volume); None disables
+    /// rollback detection.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for OpenOptions2 {
+    fn default() -> Self {
+        OpenOptions2 {
+            read_only: false,
+            cache_bytes: 64 << 20,
+            state_dir: Some(default_state_dir()),
+        }
+    }
+}
+
+/// Where sealfs keeps per-machine state: `$SEALFS_STATE_DIR`, else
+/// `/var/lib/sealfs` for root, else `$XDG_STATE_HOME/sealfs` or
+/// `~/.local/state/sealfs`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("SEALFS_STATE_DIR") {
+        return PathBuf::from(p);
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/sealfs");
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("sealfs")
+}
+
+/// Attributes of an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    /// 512-byte blocks actually stored.
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+}
+
+/// A time to set with [`Volume::setattr`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+/// Attribute changes for [`Volume::setattr`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Timespec>,
+}
+
+/// File-system statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// Summary for `sealfs info`.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub store_id: String,
+    pub created: u64,
+    pub chunk_size: u32,
+    pub inline_max: u32,
+    pub format_version: u16,
+    pub metadata_key: (String, u32),
+    pub content_key: (String, u32),
+    pub content_gen: u32,
+    pub chunk_objects: u64,
+    pub chunk_bytes: u64,
+    pub meta_objects: u64,
+    pub meta_bytes: u64,
+}
+
+/// rename(2) flags.
+pub const RENAME_NOREPLACE: u32 = 1;
+/// rename(2) flags.
+pub const RENAME_EXCHANGE: u32 = 2;
+
+/// An open volume.
+pub struct Volume {
+    root: PathBuf,
+    store: Box<dyn ObjectStore>,
+    hdr: HeaderBody,
+    meta_key: AeadKey,
+    content_key: AeadKey,
+    state: Mutex<State>,
+    commit_lock: Mutex<()>,
+    cache: Mutex<LruCache<[u8; 16], Arc<Vec<u8>>>>,
+    _lock: File,
+    read_only: bool,
+    state_file: Option<PathBuf>,
+    closed: AtomicBool,
+    stop_bg: Arc<AtomicBool>,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("root", &self.root).finish()
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Take the store's lock file (non-blocking). Returns the open lock file.
+fn lock_store(root: &Path) -> Result<File, OpenError> {
+    let lp = root.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lp)
+        .map_err(io_at(&lp))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            let holder = s
+                .trim()
+                .parse::<u32>()
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default();
+            return Err(OpenError::InUse {
+                path: root.to_path_buf(),
+                holder,
+            });
+        }
+        Err(e) => return Err(io_at(&lp)(e.into())),
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+fn volume_id_hex(id: &[u8; 16]) -> String {
+    hex::encode(id)
+}
+
+fn derive_keys(vmk: &Key32, vck: &Key32) -> (AeadKey, Key32, AeadKey) {
+    (
+        AeadKey::new(&vmk.derive(LABEL_META)),
+        vmk.derive(LABEL_HEADER_MAC),
+        AeadKey::new(&vck.derive(LABEL_CONTENT)),
+    )
+}
+
+/// Read and authenticate a store header with the keystore; returns the
+/// header and the unwrapped (VMK, VCK).
+fn read_header(root: &Path, ks: &Keystore) -> Result<(HeaderBody, Key32, Key32), OpenError> {
+    let hp = root.join(HEADER_FILE);
+    let data = match fs::read(&hp) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(OpenError::NotAStore(root.to_path_buf()))
+        }
+        Err(e) => return Err(io_at(&hp)(e)),
+    };
+    if data.len() > MAX_HEADER {
+        return Err(OpenError::Format {
+            path: root.to_path_buf(),
+            source: FormatError::Bad("store header is too large".into()),
+        });
+    }
+    let hdr = decode_header(&data).map_err(|source| OpenError::Format {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let vid = volume_id_hex(&hdr.store_id);
+    let vmk = ks
+        .unwrap(&hdr.vmk, &kms::volume_context(&vid, "metadata"))
+        .map_err(|e| match e {
+            KmsError::UnwrapFailed { .. } => OpenError::HeaderTampered {
+                path: root.to_path_buf(),
+            },
+            other => OpenError::Kms(other),
+        })?;
+    let mac_key = vmk.derive(LABEL_HEADER_MAC);
+    if !verify_header(&data, &mac_key) {
+        return Err(OpenError::HeaderTampered {
+            path: root.to_path_buf(),
+        });
+    }
+    let vck = ks.unwrap(&hdr.vck, &kms::volume_context(&vid, "content"))?;
+    Ok((hdr, vmk, vck))
+}
+
+impl Volume {
+    /// Create a new, empty volume at `root` (a missing or empty directory).
+    pub fn create(root: &Path, ks: &Keystore, opts: &CreateOptions) -> Result<String, OpenError> {
+        if !opts.chunk_size.is_power_of_two() || !(4096..=(16 << 20)).contains(&opts.chunk_size) {
+            return Err(OpenError::BadChunkSize(opts.chunk_size));
+        }
+        // Resolve keys before touching the disk.
+        let content_key = ks.resolve(&opts.kms_key)?.clone();
+        if content_key.state != KeyState::Enabled {
+            return Err(KmsError::KeyNotUsable {
+                id: content_key.id,
+                state: content_key.state,
+            }
+            .into());
+        }
+        let created_dir = match fs::read_dir(root) {
+            Ok(mut rd) => {
+                if rd.next().is_some() {
+                    return Err(OpenError::NotEmpty(root.to_path_buf()));
+                }
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(root).map_err(io_at(root))?;
+                true
+            }
+            Err(e) => return Err(io_at(root)(e)),
+        };
+        let result = Self::create_inner(root, ks, opts);
+        if result.is_err() {
+            // Never leave a half-made store behind.
+            if created_dir {
+                let _ = fs::remove_dir_all(root);
+            } else if let Ok(rd) = fs::read_dir(root) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    let _ = if p.is_dir() {
+                        fs::remove_dir_all(&p)
+                    } else {
+                        fs::remove_file(&p)
+                    };
+                }
+            }
+        }
+        result
+    }
+
+    fn create_inner(root: &Path, ks: &Keystore, opts: &CreateOptions) -> Result<String, OpenError> {
+        let _lock = lock_store(root)?;
+        LocalDirStore::init(root).map_err(io_at(root))?;
+        let store = LocalDirStore::open(root).map_err(io_at(root))?;
+        let store_id: [u8; 16] = crypto::random_bytes();
+        let vid = volume_id_hex(&store_id);
+        let vmk = Key32::random();
+        let vck = Key32::random();
+        let svc = ks.service_key()?.id.clone();
+        let wvmk = ks.wrap(&svc, &kms::volume_context(&vid, "metadata"), &vmk)?;
+        let wvck = ks.wrap(&opts.kms_key, &kms::volume_context(&vid, "content"), &vck)?;
+        let hdr = HeaderBody {
+            store_id,
+            created: kms::now_secs(),
+            chunk_size: opts.chunk_size,
+            inline_max: opts.inline_max.min(opts.chunk_size),
+            vmk: wvmk,
+            vck: wvck,
+            content_gen: 1,
+        };
+        let (meta_key, mac_key, _content) = derive_keys(&vmk, &vck);
+        let now = Timespec::now();
+        let root_inode = Inode::new_dir(
+            ROOT_INO,
+            0o755,
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+            now,
+        );
+        let ckpt = CheckpointBody {
+            next_ino: ROOT_INO + 1,
+            inodes: vec![(ROOT_INO, root_inode.to_record_plain())],
+        };
+        let (obj, _tag) = seal_checkpoint(&meta_key, &store_id, 0, &ckpt);
+        store
+            .put(Kind::Meta, &checkpoint_name(0), &obj, true)
+            .map_err(io_at(root))?;
+        // The header goes last: its presence marks a complete store.
+        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&hdr, &mac_key))
+            .map_err(io_at(root))?;
+        Ok(vid)
+    }
+
+    /// Describe a store (needs the keystore to authenticate the header).
+    pub fn info(root: &Path, ks: &Keystore) -> Result<VolumeInfo, OpenError> {
+        let (hdr, _vmk, _vck) = read_header(root, ks)?;
+        let store = LocalDirStore::open(root).map_err(io_at(root))?;
+        let (chunk_bytes, chunk_objects) = store.usage(Kind::Chunk).map_err(io_at(root))?;
+        let (meta_bytes, meta_objects) = store.usage(Kind::Meta).map_err(io_at(root))?;
+        Ok(VolumeInfo {
+            store_id: volume_id_hex(&hdr.store_id),
+            created: hdr.created,
+            chunk_size: hdr.chunk_size,
+            inline_max: hdr.inline_max,
+            format_version: FORMAT_VERSION,
+            metadata_key: (hdr.vmk.key_id.clone(), hdr.vmk.key_version),
+            content_key: (hdr.vck.key_id.clone(), hdr.vck.key_version),
+            content_gen: hdr.content_gen,
+            chunk_objects,
+            chunk_bytes,
+            meta_objects,
+            meta_bytes,
+        })
+    }
+
+    /// Open a volume: lock the store, authenticate the header, unwrap the
+    /// keys once, replay checkpoint and journal, check for rollback.
+    pub fn open(root: &Path, ks: &Keystore, opts: &OpenOptions2) -> Result<Arc<Volume>, OpenError> {
+        if !root.join(HEADER_FILE).exists() {
+            return Err(OpenError::NotAStore(root.to_path_buf()));
+        }
+        let lock = lock_store(root)?;
+        let (hdr, vmk, vck) = read_header(root, ks)?;
+        let (meta_key, _mac, content_key) = derive_keys(&vmk, &vck);
+        drop((vmk, vck));
+        let store = LocalDirStore::open(root).map_err(|e| OpenError::Metadata {
+            path: root.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let meta_err = |why: String| OpenError::Metadata {
+            path: root.to_path_buf(),
+            why,
+        };
+        let names = store.list(Kind::Meta).map_err(io_at(root))?;
+        let ckpts: BTreeSet<u64> = names
+            .iter()
+            .filter_map(|n| parse_seq(n, "checkpoint"))
+            .collect();
+        let journals: BTreeSet<u64> = names
+            .iter()
+            .filter_map(|n| parse_seq(n, "journal"))
+            .collect();
+        let Some(&cseq) = ckpts.iter().next_back() else {
+            return Err(meta_err(
+                "no checkpoint found (the metadata was deleted)".into(),
+            ));
+        };
+        let data = store
+            .get(Kind::Meta, &checkpoint_name(cseq))
+            .map_err(io_at(root))?;
+        let (ckpt, mut tag) = open_checkpoint(&meta_key, &hdr.store_id, cseq, &data)
+            .map_err(|e| meta_err(e.to_string()))?;
+        let mut st = State::new();
+        st.next_ino = ckpt.next_ino;
+        for (ino, rec) in ckpt.inodes {
+            let inode = Inode::from_record(ino, rec, &content_key, &hdr.store_id)
+                .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
+            st.inodes.insert(ino, inode);
+        }
+        let mut seq = cseq;
+        let later: Vec<u64> = journals.range(cseq + 1..).copied().collect();
+        for (i, &j) in later.iter().enumerate() {
+            let expect = cseq + 1 + i as u64;
+            if j != expect {
+                return Err(meta_err(format!(
+                    "journal record {expect} is missing (found {j} after it)"
+                )));
+            }
+            let data = store
+                .get(Kind::Meta, &journal_name(j))
+                .map_err(io_at(root))?;
+            let (body, t) = open_journal(&meta_key, &hdr.store_id, j, &tag, &data)
+                .map_err(|e| meta_err(e.to_string()))?;
+            for (ino, rec) in body.upserts {
+                let inode = Inode::from_record(ino, rec, &content_key, &hdr.store_id)
+                    .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
+                st.inodes.insert(ino, inode);
+            }
+            for ino in body.deletes {
+                st.inodes.remove(&ino);
+            }
+            st.next_ino = st.next_ino.max(body.next_ino);
+            tag = t;
+            seq = j;
+        }
+        if !st.inodes.contains_key(&ROOT_INO) {
+            return Err(meta_err("the root directory is missing".into()));
+        }
+        st.seq = seq;
+        st.last_tag = tag;
+        st.ckpt_seq = cseq;
+        st.records_since_ckpt = seq - cseq;
+        // Rollback detection against local state.
+        let state_file = opts.state_dir.as_ref().map(|d| {
+            d.join("volumes")
+                .join(format!("{}.seq", volume_id_hex(&hdr.store_id)))
+        });
+        if let Some(sf) = &state_file {
+            if let Ok(s) = fs::read_to_string(sf) {
+                if let Ok(seen) = s.trim().parse::<u64>() {
+                    if seen > seq {
+                        return Err(OpenError::Rollback {
+                            path: root.to_path_buf(),
+                            found: seq,
+                            seen,
+                            state_file: sf.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let cache_entries = (opts.cache_bytes / hdr.chunk_size as usize).max(16);
+        let vol = Arc::new(Volume {
+            root: root.to_path_buf(),
+            store: Box::new(store),
+            meta_key,
+            content_key,
+            state: Mutex::new(st),
+            commit_lock: Mutex::new(()),
+            cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(cache_entries).expect("nonzero"),
+            )),
+            _lock: lock,
+            read_only: opts.read_only,
+            state_file,
+            closed: AtomicBool::new(false),
+            stop_bg: Arc::new(AtomicBool::new(false)),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            hdr,
+        });
+        vol.record_seq(seq);
+        if !vol.read_only {
+            // Remove records and checkpoints a crash left behind after a
+            // newer checkpoint was written, and temp files of torn writes.
+            for n in &names {
+                let stale = parse_seq(n, "journal").is_some_and(|s| s <= cseq)
+                    || parse_seq(n, "checkpoint").is_some_and(|s| s < cseq);
+                if stale {
+                    let _ = vol.store.delete(Kind::Meta, n);
+                }
+            }
+            if let Ok(rd) = fs::read_dir(root.join("meta")) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(vol)
+    }
+
+    fn record_seq(&self, seq: u64) {
+        if let Some(sf) = &self.state_file {
+            let write = || -> io::Result<()> {
+                if let Some(d) = sf.parent() {
+                    fs::create_dir_all(d)?;
+                }
+                let tmp = sf.with_extension("seq.tmp");
+                fs::write(&tmp, format!("{seq}\n"))?;
+                fs::rename(&tmp, sf)
+            };
+            if let Err(e) = write() {
+                log::warn!(
+                    "cannot record commit {seq} in {}: {e} (rollback detection is weaker)",
+                    sf.display()
+                );
+            }
+        }
+    }
+
+    /// Store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Volume id (hex).
+    pub fn id(&self) -> String {
+        volume_id_hex(&self.hdr.store_id)
+    }
+
+    /// Chunk size.
+    pub fn chunk_size(&self) -> u32 {
+        self.hdr.chunk_size
+    }
+
+    /// Whether the volume was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Last committed sequence number.
+    pub fn committed_seq(&self) -> u64 {
+        self.state.lock().seq
+    }
+
+    /// Bytes read and written through the volume since it was opened.
+    pub fn io_counters(&self) -> (u64, u64) {
+        (
+            self.bytes_read.load(Ordering::Relaxed),
+            self.bytes_written.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Start a thread that commits every `interval` while there are changes.
+    pub fn start_background_commits(self: &Arc<Self>, interval: Duration) {
+        let weak: Weak<Volume> = Arc::downgrade(self);
+        let stop = self.stop_bg.clone();
+        std::thread::Builder::new()
+            .name("sealfs-commit".into())
+            .spawn(move || {
+                let step = Duration::from_millis(100);
+                let mut waited = Duration::ZERO;
+                loop {
+                    std::thread::sleep(step);
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    waited += step;
+                    if waited < interval {
+                        continue;
+                    }
+                    waited = Duration::ZERO;
+                    let Some(v) = weak.upgrade() else { return };
+                    if let Err(e) = v.commit(false) {
+                        log::error!("background commit failed: {e}");
+                    }
+                }
+            })
+            .expect("spawn commit thread");
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        if self.read_only {
+            Err(FsError::ROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ----- commit -----------------------------------------------------
+
+    /// Commit all changes: write dirty chunks, sync them, then append one
+    /// sealed journal record (or a checkpoint when one is due, or when
+    /// `checkpoint` is set). Returns once the commit is durable.
+    pub fn commit(&self, checkpoint: bool) -> FsResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _c = self.commit_lock.lock();
+        let mut st = self.state.lock();
+        let due = checkpoint
+            || st.records_since_ckpt >= CHECKPOINT_RECORDS
+            || st.journal_bytes_since_ckpt >= CHECKPOINT_BYTES.max(st.ckpt_bytes);
+        if st.dirty.is_empty()
+            && st.deleted.is_empty()
+            && !(checkpoint && st.records_since_ckpt > 0)
+        {
+            return Ok(());
+        }
+        // 1. Write every dirty chunk.
+        let dirty: Vec<u64> = st.dirty.iter().copied().collect();
+        for ino in &dirty {
+            self.flush_inode_chunks(&mut st, *ino)?;
+        }
+        let seq = st.seq + 1;
+        let prev = st.last_tag;
+        let sid = self.hdr.store_id;
+        let (obj, name, is_ckpt) = if due {
+            let inodes = st
+                .inodes
+                .iter()
+                .filter(|(_, i)| i.persistent())
+                .map(|(&n, i)| (n, i.to_record(n, &self.content_key, &sid)))
+                .collect();
+            let body = CheckpointBody {
+                next_ino: st.next_ino,
+                inodes,
+            };
+            let (obj, _) = seal_checkpoint(&self.meta_key, &sid, seq, &body);
+            (obj, checkpoint_name(seq), true)
+        } else {
+            let mut upserts = Vec::new();
+            let mut deletes: Vec<u64> = st.deleted.iter().copied().collect();
+            for ino in &dirty {
+                match st.inodes.get(ino) {
+                    Some(i) if i.persistent() => {
+                        upserts.push((*ino, i.to_record(*ino, &self.content_key, &sid)))
+                    }
+                    _ => deletes.push(*ino),
+                }
+            }
+            deletes.sort_unstable();
+            deletes.dedup();
+            let body = JournalBody {
+                next_ino: st.next_ino,
+                upserts,
+                deletes,
+            };
+            let (obj, _) = seal_journal(&self.meta_key, &sid, seq, &prev, &body);
+            (obj, journal_name(seq), false)
+        };
+        let saved_dirty = std::mem::take(&mut st.dirty);
+        let saved_deleted = std::mem::take(&mut st.deleted);
+        let frees = std::mem::take(&mut st.pending_free);
+        drop(st);
+
+        // 2. Make chunks durable, then the record.
+        let res = self
+            .store
+            .sync()
+            .and_then(|_| self.store.put(Kind::Meta, &name, &obj, true));
+        let mut st = self.state.lock();
+        if let Err(e) = res {
+            log::error!("commit {seq} of {} failed: {e}", self.root.display());
+            st.dirty.extend(saved_dirty);
+            st.deleted.extend(saved_deleted);
+            let mut f = frees;
+            f.append(&mut st.pending_free);
+            st.pending_free = f;
+            let _ = self.store.delete(Kind::Meta, &name);
+            return Err(e.into());
+        }
+        st.seq = seq;
+        st.last_tag = if is_ckpt {
+            // the chain continues from the checkpoint's last frame
+            crypto::tag_of(last_frame(&obj))
+        } else {
+            crypto::tag_of(&obj)
+        };
+        let old_ckpt = st.ckpt_seq;
+        if is_ckpt {
+            st.ckpt_seq = seq;
+            st.records_since_ckpt = 0;
+            st.journal_bytes_since_ckpt = 0;
+            st.ckpt_bytes = obj.len() as u64;
+        } else {
+            st.records_since_ckpt += 1;
+            st.journal_bytes_since_ckpt += obj.len() as u64;
+        }
+        drop(st);
+        self.record_seq(seq);
+        // 3. Free what the committed state no longer references.
+        for id in frees {
+            let _ = self.store.delete(Kind::Chunk, &hex::encode(id));
+        }
+        if is_ckpt {
+            let _ = self.store.delete(Kind::Meta, &checkpoint_name(old_ckpt));
+            for s in old_ckpt + 1..seq {
+                let _ = self.store.delete(Kind::Meta, &journal_name(s));
+            }
+        }
+        Ok(())
+    }
+
+    /// Commit everything, write a checkpoint and stop background work.
+    /// Called on unmount; safe to call twice.
+    pub fn close(&self) -> FsResult<()> {
+        self.stop_bg.store(true, Ordering::Relaxed);
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Drop inodes that were unlinked while open: nothing can use them now.
+        {
+            let mut st = self.state.lock();
+            let orphans: Vec<u64> = st
+                .inodes
+                .iter()
+                .filter(|(_, i)| !i.persistent())
+                .map(|(&n, _)| n)
+                .collect();
+            for ino in orphans {
+                self.remove_inode(&mut st, ino);
+            }
+        }
+        self.commit(true)
+    }
+
+    // ----- chunk I/O --------------------------------------------------
+
+    fn load_chunk(&self, r: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
+        if let Some(c) = self.cache.lock().get(&r.id) {
+            return Ok(c.clone());
+        }
+        let data = self.store.get(Kind::Chunk, &r.name()).map_err(|e| {
+            log::error!("chunk {} is unreadable: {e}", r.name());
+            FsError::IO
+        })?;
+        let plain = open_chunk(
+            &self.content_key,
+            &self.hdr.store_id,
+            &r.id,
+            self.hdr.content_gen,
+            &data,
+        )
+        .map_err(|e| {
+            log::error!("chunk {}: {e}", r.name());
+            FsError::IO
+        })?;
+        if plain.len() != r.len as usize {
+            log::error!("chunk {} has the wrong length", r.name());
+            return Err(FsError::IO);
+        }
+        let a = Arc::new(plain);
+        self.cache.lock().put(r.id, a.clone());
+        Ok(a)
+    }
+
+    /// Encrypt and write every dirty chunk buffer of `ino`.
+    fn flush_inode_chunks(&self, st: &mut State, ino: u64) -> FsResult<()> {
+        let epoch = st.seq + 1;
+        let Some(inode) = st.inodes.get_mut(&ino) else {
+            return Ok(());
+        };
+        let InodeData::File(fd) = &mut inode.data else {
+            return Ok(());
+        };
+        if fd.dirty.is_empty() {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut fd.dirty);
+        let mut freed = Vec::new();
+        let mut flushed = 0usize;
+        let mut result = Ok(());
+        let mut remaining = BTreeMap::new();
+        for (idx, buf) in dirty {
+            if result.is_err() {
+                remaining.insert(idx, buf);
+                continue;
+            }
+            let id: [u8; 16] = crypto::random_bytes();
+            let obj = seal_chunk(
+                &self.content_key,
+                &self.hdr.store_id,
+                &id,
+                self.hdr.content_gen,
+                &buf,
+            );
+            if let Err(e) = self.store.put(Kind::Chunk, &hex::encode(id), &obj, false) {
+                log::error!("writing a chunk to {} failed: {e}", self.root.display());
+                result = Err(FsError::from(e));
+                remaining.insert(idx, buf);
+                continue;
+            }
+            flushed += buf.len();
+            let r = ChunkRef {
+                id,
+                epoch,
+                len: buf.len() as u32,
+            };
+            if let Some(old) = fd.chunks.insert(idx, r) {
+                freed.push(old.id);
+            }
+            self.cache.lock().put(id, Arc::new(buf));
+        }
+        fd.dirty = remaining;
+        st.dirty_bytes = st.dirty_bytes.saturating_sub(flushed);
+        st.pending_free.extend(freed);
+        result
+    }
+
+    /// Keep dirty memory bounded: flush the largest dirty files.
+    fn maybe_flush(&self, st: &mut State) -> FsResult<()> {
+        if st.dirty_bytes <= DIRTY_LIMIT {
+            return Ok(());
+        }
+        let inos: Vec<u64> = st.dirty.iter().copied().collect();
+        for ino in inos {
+            self.flush_inode_chunks(st, ino)?;
+        }
+        Ok(())
+    }
+
+    // ----- lookups ----------------------------------------------------
+
+    fn attr_of(&self, ino: u64, i: &Inode) -> Attr {
+        i.attr(ino)
+    }
+
+    /// Find the path of an inode (for log messages); O(n).
+    pub fn path_of(&self, ino: u64) -> String {
+        let st = self.state.lock();
+        st.path_of(ino).unwrap_or_else(|| format!("<inode {ino}>"))
+    }
+
+    /// Look up `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let st = self.state.lock();
+        let ino = st.lookup(parent, name)?;
+        let i = st.get(ino)?;
+        Ok(self.attr_of(ino, i))
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let st = self.state.lock();
+        Ok(self.attr_of(ino, st.get(ino)?))
+    }
+
+    /// Change attributes (chmod, chown, truncate, utimensat).
+    pub fn setattr(&self, ino: u64, s: &SetAttr) -> FsResult<Attr> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        let now = Timespec::now();
+        if let Some(size) = s.size {
+            self.truncate_locked(&mut st, ino, size)?;
+        }
+        let i = st.get_mut(ino)?;
+        if let Some(m) = s.mode {
+            i.perm = (m & 0o7777) as u16;
+        }
+        if let Some(u) = s.uid {
+            i.uid = u;
+        }
+        if let Some(g) = s.gid {
+            i.gid = g;
+        }
+        if s.uid.is_some() || s.gid.is_some() {
+            // chown clears set-user-ID / set-group-ID on files
+            if i.kind == FileKind::File {
+                i.perm &= !0o6000;
+            }
+        }
+        match s.atime {
+            Some(SetTime::Now) => i.atime = now,
+            Some(SetTime::At(t)) => i.atime = t,
+            None => {}
+        }
+        match s.mtime {
+            Some(SetTime::Now) => i.mtime = now,
+            Some(SetTime::At(t)) => i.mtime = t,
+            None => {}
+        }
+        i.ctime = s.ctime.unwrap_or(now);
+        let a = self.attr_of(ino, i);
+        st.dirty.insert(ino);
+        Ok(a)
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = self.state.lock();
+        match &st.get(ino)?.data {
+            InodeData::Symlink(t) => Ok(t.clone()),
+            _ => Err(FsError::INVAL),
+        }
+    }
+
+    /// Entries of a directory, including `.` and `..`.
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, FileKind, Vec<u8>)>> {
+        let st = self.state.lock();
+        let i = st.get(ino)?;
+        let InodeData::Dir { parent, entries } = &i.data else {
+            return Err(FsError::NOTDIR);
+        };
+        let mut out = Vec::with_capacity(entries.len() + 2);
+        out.push((ino, FileKind::Dir, b".".to_vec()));
+        out.push((*parent, FileKind::Dir, b"..".to_vec()));
+        for (name, &child) in entries {
+            let kind = st
+                .inodes
+                .get(&child)
+                .map(|c| c.kind)
+                .unwrap_or(FileKind::File);
+            out.push((child, kind, name.clone()));
+        }
+        Ok(out)
+    }
+
+    // ----- namespace changes -------------------------------------------
+
+    fn check_name(name: &[u8]) -> FsResult<()> {
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(FsError::INVAL);
+        }
+        if name.len() > NAME_MAX {
+            return Err(FsError::NAMETOOLONG);
+        }
+        Ok(())
+    }
+
+    fn new_child(
+        &self,
+        parent: u64,
+        name: &[u8],
+        make: impl FnOnce(u64, &Inode, Timespec) -> Inode,
+    ) -> FsResult<Attr> {
+        self.check_writable()?;
+        Self::check_name(name)?;
+        let mut st = self.state.lock();
+        let now = Timespec::now();
+        let p = st.get(parent)?;
+        let InodeData::Dir { entries, .. } = &p.data else {
+            return Err(FsError::NOTDIR);
+        };
+        if entries.contains_key(name) {
+            return Err(FsError::EXIST);
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let child = make(ino, st.get(parent)?, now);
+        let is_dir = child.kind == FileKind::Dir;
+        let attr = self.attr_of(ino, &child);
+        st.inodes.insert(ino, child);
+        let p = st.get_mut(parent)?;
+        if let InodeData::Dir { entries, .. } = &mut p.data {
+            entries.insert(name.to_vec(), ino);
+        }
+        if is_dir {
+            p.nlink += 1;
+        }
+        p.mtime = now;
+        p.ctime = now;
+        st.dirty.insert(parent);
+        st.dirty.insert(ino);
+        Ok(attr)
+    }
+
+    /// Create a regular file, FIFO, socket or device node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        if kind == FileKind::Dir || kind == FileKind::Symlink {
+            return Err(FsError::INVAL);
+        }
+        self.new_child(parent, name, |_ino, p, now| {
+            let gid = if p.perm & 0o2000 != 0 { p.gid } else { gid };
+            Inode::new(kind, (perm & 0o7777) as u16, uid, gid, rdev, now)
+        })
+    }
+
+    /// Create a directory.
+    pub fn mkdir(&self, parent: u64, name: &[u8], perm: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.new_child(parent, name, |_ino, p, now| {
+            let sgid = p.perm & 0o2000 != 0;
+            let gid = if sgid { p.gid } else { gid };
+            let mut perm = (perm & 0o7777) as u16;
+            if sgid {
+                perm |= 0o2000;
+            }
+            Inode::new_dir(parent, perm, uid, gid, now)
+        })
+    }
+
+    /// Create a symlink.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        if target.is_empty() || target.len() > 4095 {
+            return Err(FsError::NAMETOOLONG);
+        }
+        self.new_child(parent, name, |_ino, p, now| {
+            let gid = if p.perm & 0o2000 != 0 { p.gid } else { gid };
+            let mut i = Inode::new(FileKind::Symlink, 0o777, uid, gid, 0, now);
+            i.size = target.len() as u64;
+            i.data = InodeData::Symlink(target.to_vec());
+            i
+        })
+    }
+
+    /// Add a hard link.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
+        self.check_writable()?;
+        Self::check_name(newname)?;
+        let mut st = self.state.lock();
+        let now = Timespec::now();
+        if st.get(ino)?.kind == FileKind::Dir {
+            return Err(FsError::PERM);
+        }
+        if st.get(ino)?.nlink == 0 {
+            return Err(FsError::NOENT);
+        }
+        let p = st.get_mut(newparent)?;
+        let InodeData::Dir { entries, .. } = &mut p.data else {
+            return Err(FsError::NOTDIR);
+        };
+        if entries.contains_key(newname) {
+            return Err(FsError::EXIST);
+        }
+        entries.insert(newname.to_vec(), ino);
+        p.mtime = now;
+        p.ctime = now;
+        let i = st.get_mut(ino)?;
+        i.nlink += 1;
+        i.ctime = now;
+        let a = self.attr_of(ino, i);
+        st.dirty.insert(ino);
+        st.dirty.insert(newparent);
+        Ok(a)
+    }
+
+    /// Drop one link to `ino`; remove it when no links and no opens remain.
+    fn drop_link(&self, st: &mut State, ino: u64, now: Timespec) {
+        let Some(i) = st.inodes.get_mut(&ino) else {
+            return;
+        };
+        if i.kind == FileKind::Dir {
+            i.nlink = 0;
+        } else {
+            i.nlink = i.nlink.saturating_sub(1);
+        }
+        i.ctime = now;
+        let gone = i.nlink == 0;
+        st.dirty.insert(ino);
+        if gone {
+            st.deleted.insert(ino);
+            if st.open_count(ino) == 0 {
+                self.remove_inode(st, ino);
+            }
+        }
+    }
+
+    fn remove_inode(&self, st: &mut State, ino: u64) {
+        if let Some(i) = st.inodes.remove(&ino) {
+            if let InodeData::File(fd) = i.data {
+                let dirty: usize = fd.dirty.values().map(|b| b.len()).sum();
+                st.dirty_bytes = st.dirty_bytes.saturating_sub(dirty);
+                st.pending_free.extend(fd.chunks.values().map(|c| c.id));
+            }
+        }
+        st.dirty.remove(&ino);
+        st.deleted.insert(ino);
+        st.opens.remove(&ino);
+    }
+
+    /// Remove a non-directory entry.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        let now = Timespec::now();
+        let ino = st.lookup(parent, name)?;
+        if st.get(ino)?.kind == FileKind::Dir {
+            return Err(FsError::ISDIR);
+        }
+        st.remove_entry(parent, name, now)?;
+        self.drop_link(&mut st, ino, now);
+        Ok(())
+    }
+
+    /// Remove an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        if name == b"." {
+            return Err(FsError::INVAL);
+        }
+        if name == b".." {
+            return Err(FsError::NOTEMPTY);
+        }
+        let mut st = self.state.lock();
+        let now = Timespec::now();
+        let ino = st.lookup(parent, name)?;
+        match &st.get(ino)?.data {
+            InodeData::Dir { entries, .. } if !entries.is_empty() => return Err(FsError::NOTEMPTY),
+            InodeData::Dir { .. } => {}
+            _ => return Err(FsError::NOTDIR),
+        }
+        st.remove_entry(parent, name, now)?;
+        st.get_mut(parent)?.nlink -= 1;
+        self.drop_link(&mut st, ino, now);
+        Ok(())
+    }
+
+    /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        Self::check_name(newname)?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(FsError::INVAL);
+        }
+        let mut st = self.state.lock();
+        let now = Timespec::now();
+        let src = st.lookup(parent, name)?;
+        st.get(newparent)?;
+        if !matches!(st.get(newparent)?.data, InodeData::Dir { .. }) {
+            return Err(FsError::NOTDIR);
+        }
+        let dst = st.lookup(newparent, newname).ok();
+        let src_is_dir = st.get(src)?.kind == FileKind::Dir;
+
+        if flags & RENAME_EXCHANGE != 0 {
+            let Some(dst) = dst else {
+                return Err(FsError::NOENT);
+            };
+            let dst_is_dir = st.get(dst)?.kind == FileKind::Dir;
+            if src == dst {
+                return Ok(());
+            }
+            if (src_is_dir && st.is_ancestor(src, newparent))
+                || (dst_is_dir && st.is_ancestor(dst, parent))
+            {
+                return Err(FsError::INVAL);
+            }
+            st.set_entry(parent, name, dst);
+            st.set_entry(newparent, newname, src);
+            if parent != newparent {
+                if src_is_dir {
+                    st.set_parent(src, newparent);
+                }
+                if dst_is_dir {
+                    st.set_parent(dst, parent);
+                }
+                if src_is_dir != dst_is_dir {
+                    let (from, to) = if src_is_dir {
+                        (parent, newparent)
+                    } else {
+                        (newparent, parent)
+                    };
+                    st.get_mut(from)?.nlink -= 1;
+                    st.get_mut(to)?.nlink += 1;
+                }
+            }
+            for n in [src, dst, parent, newparent] {
+                if let Ok(i) = st.get_mut(n) {
+                    i.ctime = now;
+                }
+                st.dirty.insert(n);
+            }
+            for n in [parent, newparent] {
+                st.get_mut(n)?.mtime = now;
+            }
+            return Ok(());
+        }
+
+        if let Some(dst) = dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(FsError::EXIST);
+            }
+            if dst == src {
+                return Ok(());
+            }
+            let dst_is_dir = st.get(dst)?.kind == FileKind::Dir;
+            match (src_is_dir, dst_is_dir) {
+                (true, false) => return Err(FsError::NOTDIR),
+                (false, true) => return Err(FsError::ISDIR),
+                (true, true) => {
+                    if let InodeData::Dir { entries, .. } = &st.get(dst)?.data {
+                        if !entries.is_empty() {
+                            return Err(FsError::NOTEMPTY);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if src_is_dir && st.is_ancestor(src, newparent) {
+            return Err(FsError::INVAL);
+        }
+        if let Some(dst) = dst {
+            let dst_is_dir = st.get(dst)?.kind == FileKind::Dir;
+            st.remove_entry(newparent, newname, now)?;
+            if dst_is_dir {
+                st.get_mut(newparent)?.nlink -= 1;
+            }
+            self.drop_link(&mut st, dst, now);
+        }
+        st.remove_entry(parent, name, now)?;
+        st.set_entry(newparent, newname, src);
+        if src_is_dir && parent != newparent {
+            st.set_parent(src, newparent);
+            st.get_mut(parent)?.nlink -= 1;
+            st.get_mut(newparent)?.nlink += 1;
+        }
+        st.get_mut(src)?.ctime = now;
+        for n in [parent, newparent] {
+            let p = st.get_mut(n)?;
+            p.mtime = now;
+            p.ctime = now;
+            st.dirty.insert(n);
+        }
+        st.dirty.insert(src);
+        Ok(())
+    }
+
+    // ----- open files ---------------------------------------------------
+
+    /// Note that `ino` was opened.
+    pub fn open_file(&self, ino: u64) -> FsResult<()> {
+        let mut st = self.state.lock();
+        st.get(ino)?;
+        *st.opens.entry(ino).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Note that one open of `ino` was closed; an unlinked inode goes away
+    /// with its last close.
+    pub fn release_file(&self, ino: u64) {
+        let mut st = self.state.lock();
+        let left = match st.opens.get_mut(&ino) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            st.opens.remove(&ino);
+            if st.inodes.get(&ino).is_some_and(|i| i.nlink == 0) {
+                self.remove_inode(&mut st, ino);
+            }
+        }
+    }
+
+    /// Read up to `size` bytes at `off`.
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        for attempt in 0..3 {
+            match self.read_once(ino, off, size) {
+                Err(FsError::IO) if attempt < 2 => continue,
+                Err(e) => {
+                    if e == FsError::IO {
+                        log::error!(
+                            "read of {} in {} failed: its content is damaged or missing",
+                            self.path_of(ino),
+                            self.root.display()
+                        );
+                    }
+                    return Err(e);
+                }
+                Ok(v) => {
+                    self.bytes_read.fetch_add(v.len() as u64, Ordering::Relaxed);
+                    return Ok(v);
+                }
+            }
+        }
+        Err(FsError::IO)
+    }
+
+    fn read_once(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        enum Part {
+            Bytes(Vec<u8>),
+            Chunk(ChunkRef, usize, usize),
+            Zero(usize),
+        }
+        let cs = self.hdr.chunk_size as u64;
+        let mut parts = Vec::new();
+        {
+            let st = self.state.lock();
+            let i = st.get(ino)?;
+            let InodeData::File(fd) = &i.data else {
+                return Err(if i.kind == FileKind::Dir {
+                    FsError::ISDIR
+                } else {
+                    FsError::INVAL
+                });
+            };
+            if off >= i.size || size == 0 {
+                return Ok(Vec::new());
+            }
+            let end = (off + size as u64).min(i.size);
+            if let Some(inl) = &fd.inline {
+                let mut v = vec![0u8; (end - off) as usize];
+                let have = (inl.len() as u64).min(end);
+                if have > off {
+                    v[..(have - off) as usize].copy_from_slice(&inl[off as usize..have as usize]);
+                }
+                return Ok(v);
+            }
+            let mut pos = off;
+            while pos < end {
+                let idx = pos / cs;
+                let cstart = idx * cs;
+                let a = (pos - cstart) as usize;
+                let b = ((end - cstart).min(cs)) as usize;
+                if let Some(buf) = fd.dirty.get(&idx) {
+                    let mut v = vec![0u8; b - a];
+                    if buf.len() > a {
+                        let hi = buf.len().min(b);
+                        v[..hi - a].copy_from_slice(&buf[a..hi]);
+                    }
+                    parts.push(Part::Bytes(v));
+                } else if let Some(r) = fd.chunks.get(&idx) {
+                    parts.push(Part::Chunk(*r, a, b));
+                } else {
+                    parts.push(Part::Zero(b - a));
+                }
+                pos = cstart + b as u64;
+            }
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        for p in parts {
+            match p {
+                Part::Bytes(v) => out.extend_from_slice(&v),
+                Part::Zero(n) => out.resize(out.len() + n, 0),
+                Part::Chunk(r, a, b) => {
+                    let c = self.load_chunk(&r)?;
+                    let start = out.len();
+                    out.resize(start + (b - a), 0);
+                    if c.len() > a {
+                        let hi = c.len().min(b);
+                        out[start..start + (hi - a)].copy_from_slice(&c[a..hi]);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Get a chunk's current plaintext for modification (dirty buffer,
+    /// stored chunk or empty for a hole).
+    fn chunk_for_update(&self, fd: &mut FileData, idx: u64) -> FsResult<Vec<u8>> {
+        if let Some(b) = fd.dirty.remove(&idx) {
+            return Ok(b);
+        }
+        match fd.chunks.get(&idx) {
+            Some(r) => Ok(self.load_chunk(r)?.as_ref().clone()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Write `data` at `off`; returns the bytes written.
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> FsResult<usize> {
+        self.check_writable()?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = off.checked_add(data.len() as u64).ok_or(FsError::FBIG)?;
+        if end > i64::MAX as u64 {
+            return Err(FsError::FBIG);
+        }
+        let mut st = self.state.lock();
+        self.write_locked(&mut st, ino, off, data)?;
+        let now = Timespec::now();
+        let i = st.get_mut(ino)?;
+        i.mtime = now;
+        i.ctime = now;
+        // writing clears set-user-ID (like the kernel does for local files)
+        if i.perm & 0o6000 != 0 && i.uid != 0 {
+            i.perm &= !0o4000;
+        }
+        st.dirty.insert(ino);
+        self.maybe_flush(&mut st)?;
+        self.bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data.len())
+    }
+
+    fn write_locked(&self, st: &mut State, ino: u64, off: u64, data: &[u8]) -> FsResult<()> {
+        let cs = self.hdr.chunk_size as u64;
+        let inline_max = self.hdr.inline_max as u64;
+        let end = off + data.len() as u64;
+        let mut added = 0usize;
+        {
+            let i = st.get_mut(ino)?;
+            let size = i.size;
+            let InodeData::File(fd) = &mut i.data else {
+                return Err(if i.kind == FileKind::Dir {
+                    FsError::ISDIR
+                } else {
+                    FsError::INVAL
+                });
+            };
+            if let Some(inl) = &mut fd.inline {
+                if end <= inline_max {
+                    if (inl.len() as u64) < end {
+                        inl.resize(end as usize, 0);
+                    }
+                    inl[off as usize..end as usize].copy_from_slice(data);
+                    i.size = size.max(end);
+                    return Ok(());
+                }
+                let v = fd.inline.take().expect("inline");
+                if !v.is_empty() {
+                    added += v.len();
+                    fd.dirty.insert(0, v);
+                }
+            }
+            let mut pos = off;
+            while pos < end {
+                let idx = pos / cs;
+                let cstart = idx * cs;
+                let a = (pos - cstart) as usize;
+                let b = ((end - cstart).min(cs)) as usize;
+                let mut buf = if a == 0 && b == cs as usize {
+                    if let Some(old) = fd.dirty.remove(&idx) {
+                        added = added.wrapping_sub(old.len());
+                    }
+                    vec![0u8; b]
+                } else {
+                    let had = fd.dirty.get(&idx).map(|x| x.len());
+                    let v = self.chunk_for_update(fd, idx)?;
+                    if let Some(h) = had {
+                        added = added.wrapping_sub(h);
+                    }
+                    v
+                };
+                if buf.len() < b {
+                    buf.resize(b, 0);
+                }
+                let src = (pos - off) as usize;
+                buf[a..b].copy_from_slice(&data[src..src + (b - a)]);
+                added = added.wrapping_add(buf.len());
+                fd.dirty.insert(idx, buf);
+                pos = cstart + b as u64;
+            }
+            i.size = size.max(end);
+        }
+        st.dirty_bytes = st.dirty_bytes.wrapping_add(added);
+        Ok(())
+    }
+
+    fn truncate_locked(&self, st: &mut State, ino: u64, new_size: u64) -> FsResult<()> {
+        let cs = self.hdr.chunk_size as u64;
+        let inline_max = self.hdr.inline_max as u64;
+        if new_size > i64::MAX as u64 {
+            return Err(FsError::FBIG);
+        }
+        let mut freed = Vec::new();
+        let mut dirty_delta: isize = 0;
+        {
+            let i = st.get_mut(ino)?;
+            let InodeData::File(fd) = &mut i.data else {
+                return Err(if i.kind == FileKind::Dir {
+                    FsError::ISDIR
+                } else {
+                    FsError::INVAL
+                });
+            };
+            if let Some(inl) = &mut fd.inline {
+                if new_size <= inline_max {
+                    inl.resize(new_size as usize, 0);
+                } else {
+                    let v = fd.inline.take().expect("inline");
+                    if !v.is_empty() {
+                        dirty_delta += v.len() as isize;
+                        fd.dirty.insert(0, v);
+                    }
+                }
+            } else if new_size < i.size {
+                let first_gone = new_size.div_ceil(cs);
+                for (_, b) in fd.dirty.split_off(&first_gone) {
+                    dirty_delta -= b.len() as isize;
+                }
+                for (_, r) in fd.chunks.split_off(&first_gone) {
+                    freed.push(r.id);
+                }
+                let idx = new_size / cs;
+                let keep = (new_size % cs) as usize;
+                if keep > 0 {
+                    if let Some(b) = fd.dirty.get_mut(&idx) {
+                        if b.len() > keep {
+                            dirty_delta -= (b.len() - keep) as isize;
+                            b.truncate(keep);
+                        }
+                    } else if fd.chunks.get(&idx).is_some_and(|r| r.len as usize > keep) {
+                        let mut b = self.chunk_for_update(fd, idx)?;
+                        b.truncate(keep);
+                        dirty_delta += b.len() as isize;
+                        fd.dirty.insert(idx, b);
+                    }
+                }
+                if new_size == 0 {
+                    freed.extend(fd.chunks.values().map(|r| r.id));
+                    fd.chunks.clear();
+                    for b in fd.dirty.values() {
+                        dirty_delta -= b.len() as isize;
+                    }
+                    fd.dirty.clear();
+                    fd.inline = Some(Vec::new());
+                }
+            }
+            i.size = new_size;
+            let now = Timespec::now();
+            i.mtime = now;
+            i.ctime = now;
+        }
+        st.dirty_bytes = (st.dirty_bytes as isize + dirty_delta).max(0) as usize;
+        st.pending_free.extend(freed);
+        st.dirty.insert(ino);
+        Ok(())
+    }
+
+    /// fsync: commit everything (metadata and data) durably.
+    pub fn fsync(&self, _ino: u64) -> FsResult<()> {
+        self.commit(false)
+    }
+
+    /// fallocate(2): mode 0 and KEEP_SIZE allocate (sealfs stores holes
+    /// sparsely, so this only extends the size); PUNCH_HOLE and ZERO_RANGE
+    /// are supported.
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.check_writable()?;
+        let end = off.checked_add(len).ok_or(FsError::FBIG)?;
+        if len == 0 {
+            return Err(FsError::INVAL);
+        }
+        if end > i64::MAX as u64 {
+            return Err(FsError::FBIG);
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+        {
+            return Err(FsError::NOTSUP);
+        }
+        if punch && !keep {
+            return Err(FsError::INVAL);
+        }
+        let mut st = self.state.lock();
+        let size = st.get(ino)?.size;
+        if st.get(ino)?.kind != FileKind::File {
+            return Err(FsError::NOTSUP);
+        }
+        if punch || zero {
+            let zend = end.min(size);
+            if off < zend {
+                self.zero_range(&mut st, ino, off, zend)?;
+            }
+        }
+        if !keep && end > size {
+            self.truncate_locked(&mut st, ino, end)?;
+        }
+        let now = Timespec::now();
+        let i = st.get_mut(ino)?;
+        i.ctime = now;
+        if punch || zero {
+            i.mtime = now;
+        }
+        st.dirty.insert(ino);
+        Ok(())
+    }
+
+    fn zero_range(&self, st: &mut State, ino: u64, off: u64, end: u64) -> FsResult<()> {
+        let cs = self.hdr.chunk_size as u64;
+        let mut freed = Vec::new();
+        let mut delta: isize = 0;
+        {
+            let i = st.get_mut(ino)?;
+            let InodeData::File(fd) = &mut i.data else {
+                return Err(FsError::INVAL);
+            };
+            if let Some(inl) = &mut fd.inline {
+                let hi = (end as usize).min(inl.len());
+                if (off as usize) < hi {
+                    inl[off as usize..hi].fill(0);
+                }
+                return Ok(());
+            }
+            let mut pos = off;
+            while pos < end {
+                let idx = pos / cs;
+                let cstart = idx * cs;
+                let a = (pos - cstart) as usize;
+                let b = ((end - cstart).min(cs)) as usize;
+                if a == 0 && b == cs as usize {
+                    if let Some(d) = fd.dirty.remove(&idx) {
+                        delta -= d.len() as isize;
+                    }
+                    if let Some(r) = fd.chunks.remove(&idx) {
+                        freed.push(r.id);
+                    }
+                } else if fd.dirty.contains_key(&idx) || fd.chunks.contains_key(&idx) {
+                    let had = fd.dirty.get(&idx).map(|x| x.len() as isize).unwrap_or(0);
+                    let mut buf = self.chunk_for_update(fd, idx)?;
+                    let hi = b.min(buf.len());
+                    if a < hi {
+                        buf[a..hi].fill(0);
+                    }
+                    delta += buf.len() as isize - had;
+                    fd.dirty.insert(idx, buf);
+                }
+                pos = cstart + b as u64;
+            }
+        }
+        st.dirty_bytes = (st.dirty_bytes as isize + delta).max(0) as usize;
+        st.pending_free.extend(freed);
+        Ok(())
+    }
+
+    /// lseek(2) with SEEK_DATA / SEEK_HOLE.
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> FsResult<u64> {
+        let st = self.state.lock();
+        let i = st.get(ino)?;
+        let size = i.size;
+        match whence {
+            libc::SEEK_DATA | libc::SEEK_HOLE => {}
+            _ => return Err(FsError::INVAL),
+        }
+        if off >= size {
+            return Err(FsError::NXIO);
+        }
+        let InodeData::File(fd) = &i.data else {
+            return Ok(if whence == libc::SEEK_DATA { off } else { size });
+        };
+        if fd.inline.is_some() {
+            return Ok(if whence == libc::SEEK_DATA { off } else { size });
+        }
+        let cs = self.hdr.chunk_size as u64;
+        let present = |idx: u64| fd.chunks.contains_key(&idx) || fd.dirty.contains_key(&idx);
+        let last = (size - 1) / cs;
+        let mut idx = off / cs;
+        if whence == libc::SEEK_DATA {
+            // next stored chunk at or after idx
+            let next = fd
+                .chunks
+                .range(idx..)
+                .next()
+                .map(|(k, _)| *k)
+                .into_iter()
+                .chain(fd.dirty.range(idx..).next().map(|(k, _)| *k))
+                .min();
+            match next {
+                Some(n) if n <= last => Ok(off.max(n * cs)),
+                _ => Err(FsError::NXIO),
+            }
+        } else {
+            while idx <= last && present(idx) {
+                idx += 1;
+            }
+            Ok(off.max(idx * cs).min(size))
+        }
+    }
+
+    // ----- xattrs ---------------------------------------------------------
+
+    /// setxattr(2) with XATTR_CREATE / XATTR_REPLACE.
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        self.check_writable()?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(FsError::RANGE);
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::TOOBIG);
+        }
+        let mut st = self.state.lock();
+        let i = st.get_mut(ino)?;
+        let exists = i.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::EXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NODATA);
+        }
+        i.xattrs.insert(name.to_vec(), value.to_vec());
+        i.ctime = Timespec::now();
+        st.dirty.insert(ino);
+        Ok(())
+    }
+
+    /// getxattr(2).
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let st = self.state.lock();
+        st.get(ino)?
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or(FsError::NODATA)
+    }
+
+    /// listxattr(2): NUL-terminated names.
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = self.state.lock();
+        let mut out = Vec::new();
+        for k in st.get(ino)?.xattrs.keys() {
+            out.extend_from_slice(k);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// removexattr(2).
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        let i = st.get_mut(ino)?;
+        if i.xattrs.remove(name).is_none() {
+            return Err(FsError::NODATA);
+        }
+        i.ctime = Timespec::now();
+        st.dirty.insert(ino);
+        Ok(())
+    }
+
+    /// statfs(2), based on the free space of the store's file system.
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let s = rustix::fs::statvfs(&self.root).map_err(|e| FsError::from(io::Error::from(e)))?;
+        let bsize = 4096u64;
+        let scale = |n: u64| n.saturating_mul(s.f_frsize) / bsize;
+        let files = self.state.lock().inodes.len() as u64;
+        let blocks = scale(s.f_blocks);
+        Ok(StatFs {
+            blocks,
+            bfree: scale(s.f_bfree),
+            bavail: scale(s.f_bavail),
+            files: files + s.f_ffree,
+            ffree: s.f_ffree,
+            bsize: bsize as u32,
+            namelen: NAME_MAX as u32,
+        })
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if !self.closed.load(Ordering::SeqCst) {
+            if let Err(e) = self.close() {
+                log::error!("closing {} failed: {e}", self.root.display());
+            }
+        }
+    }
+}
+
+fn last_frame(ckpt: &[u8]) -> &[u8] {
+    // walk the frames: 14-byte header, then len ‖ frame ...
+    let mut pos = 14;
+    let mut last = &ckpt[0..0];
+    while pos + 4 <= ckpt.len() {
+        let len = u32::from_le_bytes(ckpt[pos..pos + 4].try_into().expect("4")) as usize;
+        pos += 4;
+        if pos + len > ckpt.len() {
+            break;
+        }
+        last = &ckpt[pos..pos + len];
+        pos += len;
+    }
+    last
+}
+
+/// Used by tests and `sealfs info`: the store id of a store without keys.
+pub fn peek_store_id(root: &Path) -> Option<String> {
+    let data = fs::read(root.join(HEADER_FILE)).ok()?;
+    decode_header(&data)
+        .ok()
+        .map(|h| volume_id_hex(&h.store_id))
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Volume>();
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+//! Shared helpers for integration tests that mount real volumes.
+//!
+//! Every test that needs FUSE calls [`require_fuse`]: outside CI it skips
+//! (returns false) when /dev/fuse is unusable; with CI=true it fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the sealfs binary built by cargo for these tests.
+pub fn sealfs_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sealfs"))
+}
+
+/// True if FUSE mounts can work here. Panics when CI=true and they cannot.
+pub fn require_fuse() -> bool {
+    let ok = Path::new("/dev/fuse").exists()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .is_ok();
+    if !ok {
+        if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+            panic!("CI=true but /dev/fuse is not usable: FUSE tests cannot run");
+        }
+        eprintln!("skipping: /dev/fuse is not usable on this machine");
+    }
+    ok
+}
+
+/// A temporary environment: keystore + key file + state dir + stores.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// New environment with an initialized key-file keystore and a key
+    /// with alias `test`.
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("sealfs-test-")
+            .tempdir()
+            .unwrap();
+        let e = Env { dir };
+        let out = e.sealfs(&["init", "--generate-key-file"]);
+        assert!(out.status.success(), "init failed: {}", stderr(&out));
+        let out = e.sealfs(&["key", "create", "--alias", "test"]);
+        assert!(out.status.success(), "key create failed: {}", stderr(&out));
+        e
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn keystore(&self) -> PathBuf {
+        self.path("keystore")
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.path("keystore.key")
+    }
+
+    /// A `sealfs` command with this environment's keystore, key file and
+    /// state dir set through the environment.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(sealfs_bin());
+        c.env("SEALFS_KEYSTORE", self.keystore())
+            .env("SEALFS_KEY_FILE", self.key_file())
+            .env("SEALFS_STATE_DIR", self.path("state"))
+            .env_remove("SEALFS_PASSPHRASE_FILE")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run sealfs with args and collect output.
+    pub fn sealfs(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Create a store named `name` under alias/test; returns its path.
+    pub fn create_store(&self, name: &str) -> PathBuf {
+        let store = self.path(name);
+        let out = self.sealfs(&["create", store.to_str().unwrap(), "--kms-key", "alias/test"]);
+        assert!(out.status.success(), "create failed: {}", stderr(&out));
+        store
+    }
+
+    /// Mount `store` in the foreground as a child process (stderr captured
+    /// to a file) and wait until the mount is live.
+    pub fn mount(&self, store: &Path, name: &str, opts: &[&str]) -> Mount {
+        let mp = self.path(name);
+        std::fs::create_dir_all(&mp).unwrap();
+        let log = self.path(&format!("{name}.log"));
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut c = self.cmd();
+        c.arg("mount").arg("-f");
+        for o in opts {
+            c.arg("-o").arg(o);
+        }
+        c.arg(store).arg(&mp).stdout(Stdio::null()).stderr(logf);
+        let child = c.spawn().unwrap();
+        let mut m = Mount {
+            mountpoint: mp,
+            child: Some(child),
+            log,
+        };
+        m.wait_live();
+        m
+    }
+}
+
+/// A live mount. Dropping it unmounts lazily and reaps the daemon, also
+/// when a test panics.
+pub struct Mount {
+    pub mountpoint: PathBuf,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mp = mp.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(mp))
+}
+
+impl Mount {
+    fn wait_live(&mut self) {
+        let start = Instant::now();
+        loop {
+            if is_mounted(&self.mountpoint) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!(
+                        "sealfs mount exited with {st} before mounting: {}",
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
+                }
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!("mount did not become live in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.mountpoint.join(p)
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmount cleanly (umount(2)) and wait for the daemon to finish its
+    /// final commit; asserts it exited successfully.
+    pub fn unmount(mut self) {
+        let st = Command::new("umount")
+            .arg(&self.mountpoint)
+            .status()
+            .unwrap();
+        assert!(st.success(), "umount failed");
+        let mut child = self.child.take().unwrap();
+        let st = wait_timeout(&mut child, Duration::from_secs(60));
+        assert!(st.success(), "daemon exited with {st}: {}", self.log_text());
+    }
+
+    /// kill -9 the daemon, then clear the dead mount.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > t {
+            let _ = child.kill();
+            panic!("daemon did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
