@@ -155,9 +155,11 @@ pub fn parse_into(opts: &mut MountOpts, list: &str) -> Result<(), String> {
             "cache_size" => opts.cache_mib = num(v, 1, 65536)? as usize,
             "commit_interval" => opts.commit_secs = num(v, 1, 3600)?,
             _ if is_generic(k) => {}
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown mount option '{o}'; see `sealfs mount --help` for the supported options"
-            )),
+            ))
+            }
         }
     }
     if opts.allow_other && opts.allow_root {

@@ -1,1 +1,581 @@
+//! Volume-layer tests without FUSE, including a model-based proptest.
 
+use super::*;
+use crate::kms::KeystoreSecret;
+use proptest::prelude::*;
+use std::collections::BTreeMap as Map;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    ks: Keystore,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = KeystoreSecret::KeyFile(Key32::random());
+        let ks = Keystore::create(&dir.path().join("ks"), &secret).unwrap();
+        Fixture { dir, ks }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn create(&self, chunk: u32, inline: u32) {
+        let o = CreateOptions {
+            chunk_size: chunk,
+            inline_max: inline,
+            ..Default::default()
+        };
+        Volume::create(&self.store(), &self.ks, &o).unwrap();
+    }
+
+    fn opts(&self) -> OpenOptions2 {
+        OpenOptions2 {
+            read_only: false,
+            cache_bytes: 1 << 20,
+            state_dir: Some(self.dir.path().join("state")),
+        }
+    }
+
+    fn open(&self) -> Arc<Volume> {
+        Volume::open(&self.store(), &self.ks, &self.opts()).unwrap()
+    }
+}
+
+fn read_all(v: &Volume, ino: u64) -> Vec<u8> {
+    let size = v.getattr(ino).unwrap().size;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let d = v.read(ino, off, 100_000).unwrap();
+        assert!(!d.is_empty());
+        off += d.len() as u64;
+        out.extend(d);
+    }
+    out
+}
+
+#[test]
+fn create_open_roundtrip_and_in_use() {
+    let f = Fixture::new();
+    f.create(DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_MAX);
+    let v = f.open();
+    let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
+    assert!(matches!(e, OpenError::InUse { .. }), "{e}");
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, b"hello").unwrap();
+    v.close().unwrap();
+    drop(v);
+    let v = f.open();
+    let a2 = v.lookup(ROOT_INO, b"a").unwrap();
+    assert_eq!(a2.ino, a.ino);
+    assert_eq!(read_all(&v, a.ino), b"hello");
+}
+
+#[test]
+fn create_refuses_non_empty_and_bad_chunk_size() {
+    let f = Fixture::new();
+    std::fs::create_dir(f.store()).unwrap();
+    std::fs::write(f.store().join("x"), b"x").unwrap();
+    let o = CreateOptions::default();
+    assert!(matches!(
+        Volume::create(&f.store(), &f.ks, &o),
+        Err(OpenError::NotEmpty(_))
+    ));
+    assert_eq!(std::fs::read(f.store().join("x")).unwrap(), b"x");
+    let o = CreateOptions {
+        chunk_size: 5000,
+        ..Default::default()
+    };
+    let s2 = f.dir.path().join("s2");
+    assert!(matches!(
+        Volume::create(&s2, &f.ks, &o),
+        Err(OpenError::BadChunkSize(5000))
+    ));
+    assert!(!s2.exists());
+    let o = CreateOptions {
+        kms_key: "alias/nope".into(),
+        ..Default::default()
+    };
+    assert!(Volume::create(&s2, &f.ks, &o).is_err());
+    assert!(!s2.exists(), "no half-made store is left behind");
+}
+
+#[test]
+fn chunked_write_truncate_and_sparse() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    v.write(a.ino, 0, &data).unwrap();
+    assert_eq!(read_all(&v, a.ino), data);
+    v.commit(false).unwrap();
+    // shrink into the middle of a chunk, then grow: the gap reads zeros
+    v.setattr(
+        a.ino,
+        &SetAttr {
+            size: Some(5000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    v.setattr(
+        a.ino,
+        &SetAttr {
+            size: Some(9000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let got = read_all(&v, a.ino);
+    assert_eq!(&got[..5000], &data[..5000]);
+    assert!(got[5000..].iter().all(|&b| b == 0));
+    // sparse write far away
+    v.write(a.ino, 10 << 20, b"tail").unwrap();
+    assert_eq!(v.getattr(a.ino).unwrap().size, (10 << 20) + 4);
+    assert_eq!(v.read(a.ino, 5 << 20, 8).unwrap(), vec![0u8; 8]);
+    assert_eq!(v.lseek(a.ino, 9000, libc::SEEK_DATA).unwrap(), 10 << 20);
+    assert_eq!(v.lseek(a.ino, 0, libc::SEEK_HOLE).unwrap(), 8192);
+    assert!(v.getattr(a.ino).unwrap().blocks < 100);
+    v.close().unwrap();
+    drop(v);
+    let v = f.open();
+    let got = read_all(&v, a.ino);
+    assert_eq!(&got[..5000], &data[..5000]);
+    assert!(got[5000..10 << 20].iter().all(|&b| b == 0));
+    assert_eq!(&got[10 << 20..], b"tail");
+}
+
+#[test]
+fn unlinked_open_file_lives_until_release() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.open_file(a.ino).unwrap();
+    v.write(a.ino, 0, &vec![7u8; 10_000]).unwrap();
+    v.commit(false).unwrap();
+    v.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(v.lookup(ROOT_INO, b"f").unwrap_err(), FsError::NOENT);
+    assert_eq!(read_all(&v, a.ino), vec![7u8; 10_000]);
+    v.write(a.ino, 0, b"xyz").unwrap();
+    v.commit(false).unwrap();
+    v.release_file(a.ino);
+    assert_eq!(v.getattr(a.ino).unwrap_err(), FsError::NOENT);
+    v.close().unwrap();
+    drop(v);
+    // all chunk objects were freed
+    let store = LocalDirStore::open(&f.store()).unwrap();
+    assert!(store.list(Kind::Chunk).unwrap().is_empty());
+}
+
+#[test]
+fn overwritten_chunks_are_freed_after_commit() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &vec![1u8; 4096 * 4]).unwrap();
+    v.commit(false).unwrap();
+    let store = LocalDirStore::open(&f.store()).unwrap();
+    assert_eq!(store.list(Kind::Chunk).unwrap().len(), 4);
+    v.write(a.ino, 0, &vec![2u8; 4096 * 2]).unwrap();
+    v.commit(false).unwrap();
+    assert_eq!(store.list(Kind::Chunk).unwrap().len(), 4);
+}
+
+#[test]
+fn rename_semantics() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let d1 = v.mkdir(ROOT_INO, b"d1", 0o755, 0, 0).unwrap();
+    let d2 = v.mkdir(d1.ino, b"d2", 0o755, 0, 0).unwrap();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    let b = v
+        .mknod(ROOT_INO, b"b", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    // dir into its own subtree
+    assert_eq!(
+        v.rename(ROOT_INO, b"d1", d2.ino, b"x", 0).unwrap_err(),
+        FsError::INVAL
+    );
+    // noreplace
+    assert_eq!(
+        v.rename(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_NOREPLACE)
+            .unwrap_err(),
+        FsError::EXIST
+    );
+    // exchange file and dir across directories
+    v.rename(ROOT_INO, b"a", d1.ino, b"d2", RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(v.lookup(ROOT_INO, b"a").unwrap().ino, d2.ino);
+    assert_eq!(v.lookup(d1.ino, b"d2").unwrap().ino, a.ino);
+    assert_eq!(v.lookup(d2.ino, b"..").unwrap().ino, ROOT_INO);
+    // replace file
+    v.rename(d1.ino, b"d2", ROOT_INO, b"b", 0).unwrap();
+    assert_eq!(v.lookup(ROOT_INO, b"b").unwrap().ino, a.ino);
+    assert_eq!(v.getattr(b.ino).unwrap_err(), FsError::NOENT);
+    // dir over non-empty dir
+    v.mknod(d1.ino, b"inner", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    assert_eq!(
+        v.rename(ROOT_INO, b"a", ROOT_INO, b"d1", 0).unwrap_err(),
+        FsError::NOTEMPTY
+    );
+    assert_eq!(
+        v.rename(ROOT_INO, b"b", ROOT_INO, b"d1", 0).unwrap_err(),
+        FsError::ISDIR
+    );
+    assert_eq!(
+        v.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0).unwrap_err(),
+        FsError::NOTDIR
+    );
+    // nlink bookkeeping
+    assert_eq!(v.getattr(ROOT_INO).unwrap().nlink, 4); // ., d1, a (dir)
+    v.close().unwrap();
+}
+
+#[test]
+fn xattr_semantics() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    assert_eq!(
+        v.setxattr(a.ino, b"user.x", b"1", libc::XATTR_REPLACE)
+            .unwrap_err(),
+        FsError::NODATA
+    );
+    v.setxattr(a.ino, b"user.x", b"1", libc::XATTR_CREATE)
+        .unwrap();
+    assert_eq!(
+        v.setxattr(a.ino, b"user.x", b"2", libc::XATTR_CREATE)
+            .unwrap_err(),
+        FsError::EXIST
+    );
+    v.setxattr(a.ino, b"user.x", b"2", libc::XATTR_REPLACE)
+        .unwrap();
+    v.setxattr(a.ino, b"user.y", b"", 0).unwrap();
+    assert_eq!(v.getxattr(a.ino, b"user.x").unwrap(), b"2");
+    assert_eq!(v.listxattr(a.ino).unwrap(), b"user.x\0user.y\0");
+    v.removexattr(a.ino, b"user.y").unwrap();
+    assert_eq!(
+        v.removexattr(a.ino, b"user.y").unwrap_err(),
+        FsError::NODATA
+    );
+    v.close().unwrap();
+}
+
+#[test]
+fn crash_state_reopens_with_committed_data() {
+    // Copy the store while the volume is open (as a crash would leave it)
+    // and open the copy: committed data is there, uncommitted is not.
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &vec![3u8; 9000]).unwrap();
+    v.fsync(a.ino).unwrap();
+    let b = v
+        .mknod(ROOT_INO, b"b", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(b.ino, 0, &vec![4u8; 9000]).unwrap();
+    v.write(a.ino, 0, &vec![5u8; 100]).unwrap();
+    let copy = f.dir.path().join("copy");
+    copy_dir(&f.store(), &copy);
+    std::fs::remove_file(copy.join(LOCK_FILE)).ok();
+    let mut o = f.opts();
+    o.state_dir = None;
+    let v2 = Volume::open(&copy, &f.ks, &o).unwrap();
+    assert_eq!(read_all(&v2, a.ino), vec![3u8; 9000]);
+    assert_eq!(v2.lookup(ROOT_INO, b"b").unwrap_err(), FsError::NOENT);
+    drop(v2);
+    v.close().unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn rollback_is_detected() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    v.close().unwrap();
+    drop(v);
+    let old = f.dir.path().join("old");
+    copy_dir(&f.store(), &old);
+    let v = f.open();
+    v.mknod(ROOT_INO, b"new", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.close().unwrap();
+    drop(v);
+    std::fs::remove_dir_all(f.store()).unwrap();
+    std::fs::rename(&old, f.store()).unwrap();
+    let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
+    assert!(matches!(e, OpenError::Rollback { .. }), "{e}");
+}
+
+#[test]
+fn many_commits_trigger_checkpoint_and_compaction() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    for i in 0..(CHECKPOINT_RECORDS + 5) {
+        v.write(a.ino, 0, &i.to_le_bytes()).unwrap();
+        v.commit(false).unwrap();
+    }
+    let store = LocalDirStore::open(&f.store()).unwrap();
+    let metas = store.list(Kind::Meta).unwrap();
+    assert!(metas.len() < 10, "journal was compacted: {metas:?}");
+    drop(v);
+    let v = f.open();
+    assert_eq!(
+        read_all(&v, a.ino)[..8],
+        (CHECKPOINT_RECORDS + 4).to_le_bytes()
+    );
+}
+
+// ----- model-based test ------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create(u8),
+    Mkdir(u8),
+    Write(u8, u32, u16, u8),
+    Truncate(u8, u32),
+    Punch(u8, u32, u16),
+    Unlink(u8),
+    Rename(u8, u8),
+    Link(u8, u8),
+    Fsync,
+    Remount,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0u8..5).prop_map(Op::Create),
+        1 => (0u8..3).prop_map(Op::Mkdir),
+        6 => (0u8..5, 0u32..40_000, 0u16..12_000, any::<u8>()).prop_map(|(f, o, l, s)| Op::Write(f, o, l, s)),
+        2 => (0u8..5, 0u32..40_000).prop_map(|(f, s)| Op::Truncate(f, s)),
+        1 => (0u8..5, 0u32..40_000, 1u16..12_000).prop_map(|(f, o, l)| Op::Punch(f, o, l)),
+        1 => (0u8..5).prop_map(Op::Unlink),
+        1 => (0u8..5, 0u8..5).prop_map(|(a, b)| Op::Rename(a, b)),
+        1 => (0u8..5, 0u8..5).prop_map(|(a, b)| Op::Link(a, b)),
+        1 => Just(Op::Fsync),
+        1 => Just(Op::Remount),
+    ]
+}
+
+fn fname(i: u8) -> Vec<u8> {
+    format!("f{i}").into_bytes()
+}
+
+/// Model: root-level files by name -> content id; contents by id (hard links
+/// share an id); plus directory names.
+#[derive(Default, Debug)]
+struct Model {
+    names: Map<Vec<u8>, usize>,
+    contents: Vec<Vec<u8>>,
+    dirs: std::collections::BTreeSet<Vec<u8>>,
+}
+
+fn check(v: &Volume, m: &Model) {
+    let entries = v.readdir(ROOT_INO).unwrap();
+    let mut files = Map::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for (ino, kind, name) in entries.into_iter().skip(2) {
+        match kind {
+            FileKind::Dir => {
+                dirs.insert(name);
+            }
+            _ => {
+                files.insert(name, ino);
+            }
+        }
+    }
+    assert_eq!(dirs, m.dirs);
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        m.names.keys().collect::<Vec<_>>()
+    );
+    for (name, ino) in &files {
+        let want = &m.contents[m.names[name]];
+        assert_eq!(
+            v.getattr(*ino).unwrap().size,
+            want.len() as u64,
+            "size of {name:?}"
+        );
+        assert!(read_all(v, *ino) == *want, "content of {name:?}");
+    }
+}
+
+fn run_model(ops: Vec<Op>) {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let mut v = f.open();
+    let mut m = Model::default();
+    for op in ops {
+        match op {
+            Op::Create(i) => {
+                let r = v.mknod(ROOT_INO, &fname(i), FileKind::File, 0o644, 0, 0, 0);
+                if m.names.contains_key(&fname(i)) {
+                    assert_eq!(r.unwrap_err(), FsError::EXIST);
+                } else {
+                    r.unwrap();
+                    m.contents.push(Vec::new());
+                    m.names.insert(fname(i), m.contents.len() - 1);
+                }
+            }
+            Op::Mkdir(i) => {
+                let n = format!("d{i}").into_bytes();
+                let r = v.mkdir(ROOT_INO, &n, 0o755, 0, 0);
+                if m.dirs.contains(&n) {
+                    assert_eq!(r.unwrap_err(), FsError::EXIST);
+                } else {
+                    r.unwrap();
+                    m.dirs.insert(n);
+                }
+            }
+            Op::Write(i, off, len, seed) => {
+                if !m.names.contains_key(&fname(i)) {
+                    // like open(O_CREAT) + write
+                    v.mknod(ROOT_INO, &fname(i), FileKind::File, 0o644, 0, 0, 0)
+                        .unwrap();
+                    m.contents.push(Vec::new());
+                    m.names.insert(fname(i), m.contents.len() - 1);
+                }
+                if let Some(&c) = m.names.get(&fname(i)) {
+                    let ino = v.lookup(ROOT_INO, &fname(i)).unwrap().ino;
+                    let data: Vec<u8> = (0..len as u32)
+                        .map(|k| (k as u8).wrapping_mul(31).wrapping_add(seed))
+                        .collect();
+                    v.write(ino, off as u64, &data).unwrap();
+                    let mc = &mut m.contents[c];
+                    let end = off as usize + data.len();
+                    if !data.is_empty() {
+                        if mc.len() < end {
+                            mc.resize(end, 0);
+                        }
+                        mc[off as usize..end].copy_from_slice(&data);
+                    }
+                }
+            }
+            Op::Truncate(i, size) => {
+                if let Some(&c) = m.names.get(&fname(i)) {
+                    let ino = v.lookup(ROOT_INO, &fname(i)).unwrap().ino;
+                    v.setattr(
+                        ino,
+                        &SetAttr {
+                            size: Some(size as u64),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                    m.contents[c].resize(size as usize, 0);
+                }
+            }
+            Op::Punch(i, off, len) => {
+                if let Some(&c) = m.names.get(&fname(i)) {
+                    let ino = v.lookup(ROOT_INO, &fname(i)).unwrap().ino;
+                    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    v.fallocate(ino, off as u64, len as u64, mode).unwrap();
+                    let mc = &mut m.contents[c];
+                    let end = (off as usize + len as usize).min(mc.len());
+                    if (off as usize) < end {
+                        mc[off as usize..end].fill(0);
+                    }
+                }
+            }
+            Op::Unlink(i) => {
+                let r = v.unlink(ROOT_INO, &fname(i));
+                if m.names.remove(&fname(i)).is_some() {
+                    r.unwrap();
+                } else {
+                    assert_eq!(r.unwrap_err(), FsError::NOENT);
+                }
+            }
+            Op::Rename(a, b) => {
+                let r = v.rename(ROOT_INO, &fname(a), ROOT_INO, &fname(b), 0);
+                match m.names.get(&fname(a)).copied() {
+                    Some(c) => {
+                        r.unwrap();
+                        if a != b && m.names.get(&fname(b)) != Some(&c) {
+                            m.names.remove(&fname(a));
+                            m.names.insert(fname(b), c);
+                        } else if a != b {
+                            // same inode under both names: POSIX says nothing happens
+                        }
+                    }
+                    None => assert_eq!(r.unwrap_err(), FsError::NOENT),
+                }
+            }
+            Op::Link(a, b) => {
+                let src = m.names.get(&fname(a)).copied();
+                match src {
+                    Some(c) => {
+                        let ino = v.lookup(ROOT_INO, &fname(a)).unwrap().ino;
+                        let r = v.link(ino, ROOT_INO, &fname(b));
+                        if m.names.contains_key(&fname(b)) {
+                            assert_eq!(r.unwrap_err(), FsError::EXIST);
+                        } else {
+                            r.unwrap();
+                            m.names.insert(fname(b), c);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Op::Fsync => v.fsync(ROOT_INO).unwrap(),
+            Op::Remount => {
+                v.close().unwrap();
+                drop(v);
+                v = f.open();
+            }
+        }
+        check(&v, &m);
+    }
+    v.close().unwrap();
+    drop(v);
+    let v = f.open();
+    check(&v, &m);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+    #[test]
+    fn volume_matches_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
+        run_model(ops);
+    }
+}
