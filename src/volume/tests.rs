@@ -298,7 +298,7 @@ fn crash_state_reopens_with_committed_data() {
         .mknod(ROOT_INO, b"b", FileKind::File, 0o644, 0, 0, 0)
         .unwrap();
     v.write(b.ino, 0, &vec![4u8; 9000]).unwrap();
-    v.write(a.ino, 0, &vec![5u8; 100]).unwrap();
+    v.write(a.ino, 0, &[5u8; 100]).unwrap();
     let copy = f.dir.path().join("copy");
     copy_dir(&f.store(), &copy);
     std::fs::remove_file(copy.join(LOCK_FILE)).ok();
@@ -542,19 +542,18 @@ fn run_model(ops: Vec<Op>) {
                 }
             }
             Op::Link(a, b) => {
-                let src = m.names.get(&fname(a)).copied();
-                match src {
-                    Some(c) => {
-                        let ino = v.lookup(ROOT_INO, &fname(a)).unwrap().ino;
-                        let r = v.link(ino, ROOT_INO, &fname(b));
-                        if m.names.contains_key(&fname(b)) {
-                            assert_eq!(r.unwrap_err(), FsError::EXIST);
-                        } else {
+                if let Some(c) = m.names.get(&fname(a)).copied() {
+                    let ino = v.lookup(ROOT_INO, &fname(a)).unwrap().ino;
+                    let r = v.link(ino, ROOT_INO, &fname(b));
+                    match m.names.entry(fname(b)) {
+                        std::collections::btree_map::Entry::Occupied(_) => {
+                            assert_eq!(r.unwrap_err(), FsError::EXIST)
+                        }
+                        std::collections::btree_map::Entry::Vacant(e) => {
                             r.unwrap();
-                            m.names.insert(fname(b), c);
+                            e.insert(c);
                         }
                     }
-                    None => {}
                 }
             }
             Op::Fsync => v.fsync(ROOT_INO).unwrap(),
