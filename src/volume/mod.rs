@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::crypto::{self, AeadKey, Key32};
 use crate::kms::{self, KeyState, Keystore, KmsError};
@@ -261,6 +261,17 @@ pub struct VolumeInfo {
     pub meta_bytes: u64,
 }
 
+/// One chunk being encrypted and written outside the state lock.
+struct FlushJob {
+    ino: u64,
+    idx: u64,
+    token: u64,
+    data: Arc<Vec<u8>>,
+    id: [u8; 16],
+    epoch: u64,
+    result: io::Result<()>,
+}
+
 /// rename(2) flags.
 pub const RENAME_NOREPLACE: u32 = 1;
 /// rename(2) flags.
@@ -274,6 +285,8 @@ pub struct Volume {
     meta_key: AeadKey,
     content_key: AeadKey,
     state: Mutex<State>,
+    /// Signalled whenever in-flight chunk flushes finish.
+    flush_cv: Condvar,
     commit_lock: Mutex<()>,
     cache: Mutex<LruCache<[u8; 16], Arc<Vec<u8>>>>,
     _lock: File,
@@ -598,6 +611,7 @@ impl Volume {
             meta_key,
             content_key,
             state: Mutex::new(st),
+            flush_cv: Condvar::new(),
             commit_lock: Mutex::new(()),
             cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(cache_entries).expect("nonzero"),
@@ -741,7 +755,20 @@ impl Volume {
         {
             return Ok(());
         }
-        // 1. Write every dirty chunk.
+        // 1. Write every dirty chunk: encrypt outside the lock (in parallel),
+        // wait for flushes other threads started, then write whatever was
+        // dirtied meanwhile under the lock so the record sees a still state.
+        st.commit_waiting = true;
+        let inos: Vec<u64> = st.dirty.iter().copied().collect();
+        let mut jobs = Vec::new();
+        for ino in &inos {
+            jobs.extend(self.start_flush(&mut st, *ino, false));
+        }
+        let mut st = self.run_flush_jobs(st, jobs);
+        while st.inflight > 0 {
+            self.flush_cv.wait(&mut st);
+        }
+        st.commit_waiting = false;
         let dirty: Vec<u64> = st.dirty.iter().copied().collect();
         for ino in &dirty {
             self.flush_inode_chunks(&mut st, *ino)?;
@@ -942,16 +969,153 @@ impl Volume {
         result
     }
 
-    /// Keep dirty memory bounded: flush the largest dirty files.
-    fn maybe_flush(&self, st: &mut State) -> FsResult<()> {
-        if st.dirty_bytes <= DIRTY_LIMIT {
-            return Ok(());
+    /// Keep dirty memory bounded: write out every dirty chunk (outside the
+    /// lock) once more than DIRTY_LIMIT bytes are dirty.
+    fn maybe_flush<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        if st.dirty_bytes <= DIRTY_LIMIT || st.commit_waiting {
+            return st;
         }
         let inos: Vec<u64> = st.dirty.iter().copied().collect();
+        let mut jobs = Vec::new();
         for ino in inos {
-            self.flush_inode_chunks(st, ino)?;
+            jobs.extend(self.start_flush(&mut st, ino, false));
         }
-        Ok(())
+        self.run_flush_jobs(st, jobs)
+    }
+
+    /// Move dirty chunks of `ino` (only complete ones with `only_full`) into
+    /// the in-flight set and return the jobs that will write them.
+    fn start_flush(&self, st: &mut State, ino: u64, only_full: bool) -> Vec<FlushJob> {
+        let cs = self.hdr.chunk_size as usize;
+        let epoch = st.seq + 1;
+        let mut token = st.next_token;
+        let mut jobs = Vec::new();
+        let mut bytes = 0;
+        if let Some(Inode {
+            data: InodeData::File(fd),
+            ..
+        }) = st.inodes.get_mut(&ino)
+        {
+            let idxs: Vec<u64> = fd
+                .dirty
+                .iter()
+                .filter(|(_, b)| !only_full || b.len() == cs)
+                .map(|(k, _)| *k)
+                .collect();
+            for idx in idxs {
+                let buf = Arc::new(fd.dirty.remove(&idx).expect("listed above"));
+                bytes += buf.len();
+                fd.flushing.insert(idx, (token, buf.clone()));
+                jobs.push(FlushJob {
+                    ino,
+                    idx,
+                    token,
+                    data: buf,
+                    id: crypto::random_bytes(),
+                    epoch,
+                    result: Ok(()),
+                });
+                token += 1;
+            }
+        }
+        st.next_token = token;
+        st.inflight += jobs.len();
+        st.dirty_bytes = st.dirty_bytes.saturating_sub(bytes);
+        jobs
+    }
+
+    /// Release the lock, encrypt and store the jobs' chunks (on up to four
+    /// threads), re-take the lock and install the results.
+    fn run_flush_jobs<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        mut jobs: Vec<FlushJob>,
+    ) -> MutexGuard<'a, State> {
+        if jobs.is_empty() {
+            return st;
+        }
+        drop(st);
+        let work = |jobs: &mut [FlushJob]| {
+            for j in jobs {
+                let obj = seal_chunk(
+                    &self.content_key,
+                    &self.hdr.store_id,
+                    &j.id,
+                    self.hdr.content_gen,
+                    &j.data,
+                );
+                j.result = self.store.put(Kind::Chunk, &hex::encode(j.id), &obj, false);
+            }
+        };
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4);
+        if jobs.len() >= 4 && threads > 1 {
+            let per = jobs.len().div_ceil(threads);
+            std::thread::scope(|sc| {
+                for part in jobs.chunks_mut(per) {
+                    sc.spawn(|| work(part));
+                }
+            });
+        } else {
+            work(&mut jobs);
+        }
+        let mut st = self.state.lock();
+        let mut cache = Vec::new();
+        for j in jobs {
+            st.inflight -= 1;
+            let freed;
+            let mut restore = None;
+            match st.inodes.get_mut(&j.ino) {
+                Some(Inode {
+                    data: InodeData::File(fd),
+                    ..
+                }) if fd.flushing.get(&j.idx).map(|(t, _)| *t) == Some(j.token) => {
+                    fd.flushing.remove(&j.idx);
+                    match &j.result {
+                        Ok(()) => {
+                            let r = ChunkRef {
+                                id: j.id,
+                                epoch: j.epoch,
+                                len: j.data.len() as u32,
+                            };
+                            freed = fd.chunks.insert(j.idx, r).map(|o| o.id);
+                            cache.push((j.id, j.data.clone()));
+                        }
+                        Err(_) => {
+                            // keep the data dirty; the next commit retries
+                            if let std::collections::btree_map::Entry::Vacant(e) =
+                                fd.dirty.entry(j.idx)
+                            {
+                                restore = Some(j.data.len());
+                                e.insert(j.data.as_ref().clone());
+                            }
+                            freed = Some(j.id);
+                        }
+                    }
+                }
+                // re-dirtied, truncated or removed meanwhile: the new object
+                // is not referenced by anything
+                _ => freed = Some(j.id),
+            }
+            if let Err(e) = &j.result {
+                log::error!("writing a chunk to {} failed: {e}", self.root.display());
+            }
+            if let Some(n) = restore {
+                st.dirty_bytes += n;
+                st.dirty.insert(j.ino);
+            }
+            st.pending_free.extend(freed);
+        }
+        if !cache.is_empty() {
+            let mut c = self.cache.lock();
+            for (id, d) in cache {
+                c.put(id, d);
+            }
+        }
+        self.flush_cv.notify_all();
+        st
     }
 
     // ----- lookups ----------------------------------------------------
@@ -1477,6 +1641,13 @@ impl Volume {
                         v[..hi - a].copy_from_slice(&buf[a..hi]);
                     }
                     parts.push(Part::Bytes(v));
+                } else if let Some((_, buf)) = fd.flushing.get(&idx) {
+                    let mut v = vec![0u8; b - a];
+                    if buf.len() > a {
+                        let hi = buf.len().min(b);
+                        v[..hi - a].copy_from_slice(&buf[a..hi]);
+                    }
+                    parts.push(Part::Bytes(v));
                 } else if let Some(r) = fd.chunks.get(&idx) {
                     parts.push(Part::Chunk(*r, a, b));
                 } else {
@@ -1510,6 +1681,9 @@ impl Volume {
         if let Some(b) = fd.dirty.remove(&idx) {
             return Ok(b);
         }
+        if let Some((_, b)) = fd.flushing.remove(&idx) {
+            return Ok(b.as_ref().clone());
+        }
         match fd.chunks.get(&idx) {
             Some(r) => Ok(self.load_chunk(r)?.as_ref().clone()),
             None => Ok(Vec::new()),
@@ -1537,7 +1711,13 @@ impl Volume {
             i.perm &= !0o4000;
         }
         st.dirty.insert(ino);
-        self.maybe_flush(&mut st)?;
+        // Complete chunks are encrypted and written right away, outside the
+        // lock, so that large writes proceed in parallel.
+        if !st.commit_waiting {
+            let jobs = self.start_flush(&mut st, ino, true);
+            st = self.run_flush_jobs(st, jobs);
+        }
+        drop(self.maybe_flush(st));
         self.bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len())
@@ -1583,6 +1763,7 @@ impl Volume {
                     if let Some(old) = fd.dirty.remove(&idx) {
                         added = added.wrapping_sub(old.len());
                     }
+                    fd.flushing.remove(&idx);
                     vec![0u8; b]
                 } else {
                     let had = fd.dirty.get(&idx).map(|x| x.len());
@@ -1642,6 +1823,7 @@ impl Volume {
                 for (_, r) in fd.chunks.split_off(&first_gone) {
                     freed.push(r.id);
                 }
+                fd.flushing.split_off(&first_gone);
                 let idx = new_size / cs;
                 let keep = (new_size % cs) as usize;
                 if keep > 0 {
@@ -1650,7 +1832,10 @@ impl Volume {
                             dirty_delta -= (b.len() - keep) as isize;
                             b.truncate(keep);
                         }
-                    } else if fd.chunks.get(&idx).is_some_and(|r| r.len as usize > keep) {
+                    } else if fd.flushing.get(&idx).is_some_and(|(_, b)| b.len() > keep)
+                        || (!fd.flushing.contains_key(&idx)
+                            && fd.chunks.get(&idx).is_some_and(|r| r.len as usize > keep))
+                    {
                         let mut b = self.chunk_for_update(fd, idx)?;
                         b.truncate(keep);
                         dirty_delta += b.len() as isize;
@@ -1664,6 +1849,7 @@ impl Volume {
                         dirty_delta -= b.len() as isize;
                     }
                     fd.dirty.clear();
+                    fd.flushing.clear();
                     fd.inline = Some(Vec::new());
                 }
             }
@@ -1760,7 +1946,8 @@ impl Volume {
                     if let Some(r) = fd.chunks.remove(&idx) {
                         freed.push(r.id);
                     }
-                } else if fd.dirty.contains_key(&idx) || fd.chunks.contains_key(&idx) {
+                    fd.flushing.remove(&idx);
+                } else if fd.present(idx) {
                     let had = fd.dirty.get(&idx).map(|x| x.len() as isize).unwrap_or(0);
                     let mut buf = self.chunk_for_update(fd, idx)?;
                     let hi = b.min(buf.len());
@@ -1797,7 +1984,7 @@ impl Volume {
             return Ok(if whence == libc::SEEK_DATA { off } else { size });
         }
         let cs = self.hdr.chunk_size as u64;
-        let present = |idx: u64| fd.chunks.contains_key(&idx) || fd.dirty.contains_key(&idx);
+        let present = |idx: u64| fd.present(idx);
         let last = (size - 1) / cs;
         let mut idx = off / cs;
         if whence == libc::SEEK_DATA {
@@ -1809,6 +1996,7 @@ impl Volume {
                 .map(|(k, _)| *k)
                 .into_iter()
                 .chain(fd.dirty.range(idx..).next().map(|(k, _)| *k))
+                .chain(fd.flushing.range(idx..).next().map(|(k, _)| *k))
                 .min();
             match next {
                 Some(n) if n <= last => Ok(off.max(n * cs)),

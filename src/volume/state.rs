@@ -2,6 +2,7 @@
 //! persisted records.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::format::*;
 use super::{Attr, FsError, FsResult, ROOT_INO};
@@ -16,6 +17,18 @@ pub(crate) struct FileData {
     pub chunks: BTreeMap<u64, ChunkRef>,
     /// Modified chunks not yet written (plaintext).
     pub dirty: BTreeMap<u64, Vec<u8>>,
+    /// Chunks being encrypted and written outside the state lock:
+    /// index -> (flush token, plaintext).
+    pub flushing: BTreeMap<u64, (u64, Arc<Vec<u8>>)>,
+}
+
+impl FileData {
+    /// Whether chunk `idx` holds data (stored, dirty or being written).
+    pub fn present(&self, idx: u64) -> bool {
+        self.chunks.contains_key(&idx)
+            || self.dirty.contains_key(&idx)
+            || self.flushing.contains_key(&idx)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -98,8 +111,14 @@ impl Inode {
                 Some(v) => v.len() as u64,
                 None => {
                     let mut n: u64 = fd.chunks.values().map(|c| c.len as u64).sum();
-                    for (k, b) in &fd.dirty {
-                        n += b.len() as u64;
+                    let pending = fd.dirty.iter().map(|(k, b)| (k, b.len())).chain(
+                        fd.flushing
+                            .iter()
+                            .filter(|(k, _)| !fd.dirty.contains_key(k))
+                            .map(|(k, (_, b))| (k, b.len())),
+                    );
+                    for (k, len) in pending {
+                        n += len as u64;
                         if let Some(c) = fd.chunks.get(k) {
                             n -= c.len as u64;
                         }
@@ -150,7 +169,10 @@ impl Inode {
     pub fn to_record(&self, ino: u64, content_key: &AeadKey, store_id: &[u8; 16]) -> InodeRecord {
         let data = match &self.data {
             InodeData::File(fd) => {
-                debug_assert!(fd.dirty.is_empty(), "dirty chunks flushed before records");
+                debug_assert!(
+                    fd.dirty.is_empty() && fd.flushing.is_empty(),
+                    "dirty chunks flushed before records"
+                );
                 match &fd.inline {
                     Some(v) => RecordData::InlineFile(seal_inline(content_key, store_id, ino, v)),
                     None => RecordData::ChunkedFile(map_to_vec(&fd.chunks)),
@@ -206,7 +228,7 @@ impl Inode {
             (FileKind::File, RecordData::ChunkedFile(chunks)) => InodeData::File(FileData {
                 inline: None,
                 chunks: chunks.into_iter().collect(),
-                dirty: BTreeMap::new(),
+                ..Default::default()
             }),
             (FileKind::Dir, RecordData::Dir { parent, entries }) => InodeData::Dir {
                 parent,
@@ -260,6 +282,12 @@ pub(crate) struct State {
     pub opens: HashMap<u64, u32>,
     /// Bytes held in dirty chunk buffers.
     pub dirty_bytes: usize,
+    /// Chunk flushes running outside the lock.
+    pub inflight: usize,
+    /// Source of flush tokens.
+    pub next_token: u64,
+    /// A commit is waiting for in-flight flushes: start no new ones.
+    pub commit_waiting: bool,
 }
 
 impl State {
@@ -278,6 +306,9 @@ impl State {
             pending_free: Vec::new(),
             opens: HashMap::new(),
             dirty_bytes: 0,
+            inflight: 0,
+            next_token: 1,
+            commit_waiting: false,
         }
     }
 

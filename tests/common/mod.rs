@@ -223,3 +223,44 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// All files under a store directory (relative path -> bytes), ignoring the
+/// top-level `lock` file; to check that a failed command left it untouched.
+pub fn snapshot_store(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if rel != Path::new("lock") {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// Run a command that must exit on its own (a mount expected to fail).
+/// If it mounts `mp` instead, clean up and panic; kill it after 60 s.
+pub fn run_expect_exit(mut c: Command, mp: &Path) -> Output {
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if is_mounted(mp) || start.elapsed() > Duration::from_secs(60) {
+            let _ = Command::new("umount").arg("-l").arg(mp).status();
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("command mounted {} or hung: {}", mp.display(), stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
