@@ -98,7 +98,9 @@ pub enum Cmd {
     /// noatime, nosuid, nodev, noexec, nonempty, keystore=PATH,
     /// key_file=PATH, passphrase_file=PATH, threads=N (default 4),
     /// cache_size=MiB (decrypted-chunk cache, default 64),
-    /// commit_interval=SECONDS (default 5), log=FILE, debug.
+    /// commit_interval=SECONDS (default 5), debug, log=FILE (a background
+    /// mount logs there, by default to $SEALFS_STATE_DIR/log/VOLUME_ID.log,
+    /// state dir /var/lib/sealfs for root, ~/.local/state/sealfs otherwise).
     /// mount(8) options such as defaults, nofail, _netdev, noauto, user and
     /// x-systemd.* are accepted and ignored; default_permissions is always on.
     ///
@@ -177,7 +179,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let level = match cli.global.verbose {
+    let debug_opt = matches!(&cli.cmd, Cmd::Mount { options, .. }
+        if options.iter().any(|o| o.split(',').any(|x| x.trim() == "debug")));
+    let level = match cli.global.verbose.max(if debug_opt { 2 } else { 0 }) {
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -609,6 +613,14 @@ fn cmd_mount(
             volume::HEADER_FILE
         );
     }
+    if let Some((src, fstype)) = mount_source(&mountpoint) {
+        bail!(
+            "{} is already a mount point ({fstype} from {}); unmount it first (`sealfs umount {}`)",
+            mountpoint.display(),
+            src.display(),
+            mountpoint.display()
+        );
+    }
     check_mountpoint(&mountpoint, o.nonempty)?;
 
     if daemon_child {
@@ -882,7 +894,13 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
     let vol = open_volume(store, &ks, o)?;
     drop(ks);
     let _ = rustix::process::setsid();
-    let log_path = o.log.clone();
+    // Background daemons log to `log=FILE`, else to a file per volume in
+    // the state directory.
+    let log_path = o.log.clone().or_else(|| {
+        let d = volume::default_state_dir().join("log");
+        std::fs::create_dir_all(&d).ok()?;
+        Some(d.join(format!("{}.log", vol.id())))
+    });
     serve(vol, store, mountpoint, o, move || {
         // Report success, then route stdout/stderr to the log (or nowhere).
         println!("READY");

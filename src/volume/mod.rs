@@ -1656,13 +1656,42 @@ impl Volume {
                 pos = cstart + b as u64;
             }
         }
+        // Decrypt the needed chunks, on two threads when there are several
+        // that are not cached (large sequential reads).
+        let refs: Vec<ChunkRef> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Chunk(r, _, _) => Some(*r),
+                _ => None,
+            })
+            .collect();
+        let loaded: Vec<FsResult<Arc<Vec<u8>>>> = if refs.len() >= 4 {
+            let (first, second) = refs.split_at(refs.len() / 2);
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| {
+                    second
+                        .iter()
+                        .map(|r| self.load_chunk(r))
+                        .collect::<Vec<_>>()
+                });
+                let mut v: Vec<_> = first.iter().map(|r| self.load_chunk(r)).collect();
+                v.extend(
+                    h.join()
+                        .unwrap_or_else(|_| vec![Err(FsError::IO); second.len()]),
+                );
+                v
+            })
+        } else {
+            refs.iter().map(|r| self.load_chunk(r)).collect()
+        };
+        let mut loaded = loaded.into_iter();
         let mut out = Vec::with_capacity(size as usize);
         for p in parts {
             match p {
                 Part::Bytes(v) => out.extend_from_slice(&v),
                 Part::Zero(n) => out.resize(out.len() + n, 0),
-                Part::Chunk(r, a, b) => {
-                    let c = self.load_chunk(&r)?;
+                Part::Chunk(_r, a, b) => {
+                    let c = loaded.next().unwrap_or(Err(FsError::IO))?;
                     let start = out.len();
                     out.resize(start + (b - a), 0);
                     if c.len() > a {
