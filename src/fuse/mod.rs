@@ -100,10 +100,26 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Convert a time that came from the kernel through fuser. fuser 0.18
+/// decodes a pre-1970 (sec < 0, nsec) pair as `EPOCH - (|sec|, nsec)`
+/// (see its `system_time_from_time` TODO), so undo exactly that.
+fn from_request_time(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => from_system_time(t),
+        Err(e) => {
+            let d = e.duration();
+            Timespec {
+                sec: -(d.as_secs() as i64),
+                nsec: d.subsec_nanos(),
+            }
+        }
+    }
+}
+
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(s) => SetTime::At(from_system_time(s)),
+        TimeOrNow::SpecificTime(s) => SetTime::At(from_request_time(s)),
     })
 }
 
@@ -204,7 +220,7 @@ impl Filesystem for SealFs {
             size,
             atime: set_time(atime),
             mtime: set_time(mtime),
-            ctime: ctime.map(from_system_time),
+            ctime: ctime.map(from_request_time),
         };
         match self.vol.setattr(ino.0, &s) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
@@ -326,6 +342,17 @@ impl Filesystem for SealFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if self.vol.is_read_only() && (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
+        }
+        // With FUSE_ATOMIC_O_TRUNC the kernel passes O_TRUNC here instead of
+        // sending a separate setattr(size=0).
+        if flags.0 & libc::O_TRUNC != 0 && (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY {
+            let trunc = SetAttr {
+                size: Some(0),
+                ..Default::default()
+            };
+            if let Err(e) = self.vol.setattr(ino.0, &trunc) {
+                return reply.error(errno(e));
+            }
         }
         match self.vol.open_file(ino.0) {
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
@@ -568,6 +595,21 @@ mod tests {
         ] {
             assert_eq!(from_system_time(to_system_time(t)), t);
         }
+    }
+
+    #[test]
+    fn pre_epoch_request_times() {
+        // what fuser 0.18 hands us for (sec=-86400, nsec=500)
+        let t = UNIX_EPOCH - Duration::new(86400, 500);
+        assert_eq!(
+            from_request_time(t),
+            Timespec {
+                sec: -86400,
+                nsec: 500
+            }
+        );
+        let t = UNIX_EPOCH + Duration::new(5, 7);
+        assert_eq!(from_request_time(t), Timespec { sec: 5, nsec: 7 });
     }
 
     #[test]

@@ -2050,6 +2050,12 @@ impl Volume {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::TOOBIG);
         }
+        // POSIX ACLs are not supported: storing them as plain xattrs would
+        // claim success while the kernel enforces nothing (and `cp -a`
+        // would skip its chmod fallback).
+        if name.starts_with(b"system.posix_acl_") {
+            return Err(FsError::NOTSUP);
+        }
         let mut st = self.state.lock();
         let i = st.get_mut(ino)?;
         let exists = i.xattrs.contains_key(name);
