@@ -96,8 +96,11 @@ pub enum Cmd {
     ///
     /// Options (-o, comma-separated): ro, rw, allow_other, allow_root,
     /// noatime, nosuid, nodev, noexec, nonempty, keystore=PATH,
-    /// key_file=PATH, passphrase_file=PATH, threads=N (default 4),
-    /// cache_size=MiB (decrypted-chunk cache, default 64),
+    /// key_file=PATH, passphrase_file=PATH,
+    /// threads=N (request threads, default: CPU count, at least 4),
+    /// cache_size=MiB (decrypted-chunk cache, default 256),
+    /// dirty_size=MiB (written data held before encrypting, default 512;
+    /// it is always committed within commit_interval and on fsync),
     /// commit_interval=SECONDS (default 5), debug, log=FILE (a background
     /// mount logs there, by default to $SEALFS_STATE_DIR/log/VOLUME_ID.log,
     /// state dir /var/lib/sealfs for root, ~/.local/state/sealfs otherwise).
@@ -639,6 +642,7 @@ fn open_volume(store: &Path, ks: &Keystore, o: &MountOpts) -> Result<Arc<Volume>
     let vo = OpenOptions2 {
         read_only: o.read_only,
         cache_bytes: o.cache_mib << 20,
+        dirty_bytes: o.dirty_mib << 20,
         ..Default::default()
     };
     let vol = Volume::open(store, ks, &vo)?;

@@ -17,6 +17,7 @@ pub struct MountOpts {
     pub passphrase_file: Option<PathBuf>,
     pub threads: usize,
     pub cache_mib: usize,
+    pub dirty_mib: usize,
     pub commit_secs: u64,
     pub log: Option<PathBuf>,
     pub debug: bool,
@@ -40,7 +41,8 @@ impl Default for MountOpts {
                 .map(|n| n.get())
                 .unwrap_or(2)
                 .max(4),
-            cache_mib: 64,
+            cache_mib: 256,
+            dirty_mib: 512,
             commit_secs: 5,
             log: None,
             debug: false,
@@ -153,6 +155,7 @@ pub fn parse_into(opts: &mut MountOpts, list: &str) -> Result<(), String> {
             "log" => opts.log = Some(need(v)?.into()),
             "threads" => opts.threads = num(v, 1, 64)? as usize,
             "cache_size" => opts.cache_mib = num(v, 1, 65536)? as usize,
+            "dirty_size" => opts.dirty_mib = num(v, 1, 65536)? as usize,
             "commit_interval" => opts.commit_secs = num(v, 1, 3600)?,
             _ if is_generic(k) => {}
             _ => {

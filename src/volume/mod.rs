@@ -50,8 +50,6 @@ pub const XATTR_SIZE_MAX: usize = 64 * 1024;
 const CHECKPOINT_RECORDS: u64 = 512;
 /// ... or after this many journal bytes.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
-/// Dirty chunk buffers are encrypted and written out beyond this many bytes.
-const DIRTY_LIMIT: usize = 128 << 20;
 
 /// An error from a file-system operation, as an errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +160,9 @@ pub struct OpenOptions2 {
     pub read_only: bool,
     /// Bytes of decrypted chunks kept in the LRU cache.
     pub cache_bytes: usize,
+    /// Dirty (not yet encrypted) chunk data kept in memory before it is
+    /// written out ahead of the next commit.
+    pub dirty_bytes: usize,
     /// Directory for local state (last seen commit per volume); None disables
     /// rollback detection.
     pub state_dir: Option<PathBuf>,
@@ -171,7 +172,8 @@ impl Default for OpenOptions2 {
     fn default() -> Self {
         OpenOptions2 {
             read_only: false,
-            cache_bytes: 64 << 20,
+            cache_bytes: 256 << 20,
+            dirty_bytes: 512 << 20,
             state_dir: Some(default_state_dir()),
         }
     }
@@ -291,6 +293,7 @@ pub struct Volume {
     cache: Mutex<LruCache<[u8; 16], Arc<Vec<u8>>>>,
     _lock: File,
     read_only: bool,
+    dirty_limit: usize,
     state_file: Option<PathBuf>,
     closed: AtomicBool,
     stop_bg: Arc<AtomicBool>,
@@ -618,6 +621,7 @@ impl Volume {
             )),
             _lock: lock,
             read_only: opts.read_only,
+            dirty_limit: opts.dirty_bytes.max(1 << 20),
             state_file,
             closed: AtomicBool::new(false),
             stop_bg: Arc::new(AtomicBool::new(false)),
@@ -762,7 +766,7 @@ impl Volume {
         let inos: Vec<u64> = st.dirty.iter().copied().collect();
         let mut jobs = Vec::new();
         for ino in &inos {
-            jobs.extend(self.start_flush(&mut st, *ino, false));
+            jobs.extend(self.start_flush(&mut st, *ino, None));
         }
         let mut st = self.run_flush_jobs(st, jobs);
         while st.inflight > 0 {
@@ -970,22 +974,23 @@ impl Volume {
     }
 
     /// Keep dirty memory bounded: write out every dirty chunk (outside the
-    /// lock) once more than DIRTY_LIMIT bytes are dirty.
+    /// lock) once more than the dirty limit is held in memory.
     fn maybe_flush<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        if st.dirty_bytes <= DIRTY_LIMIT || st.commit_waiting {
+        if st.dirty_bytes <= self.dirty_limit || st.commit_waiting {
             return st;
         }
         let inos: Vec<u64> = st.dirty.iter().copied().collect();
         let mut jobs = Vec::new();
         for ino in inos {
-            jobs.extend(self.start_flush(&mut st, ino, false));
+            jobs.extend(self.start_flush(&mut st, ino, None));
         }
         self.run_flush_jobs(st, jobs)
     }
 
-    /// Move dirty chunks of `ino` (only complete ones with `only_full`) into
+    /// Move dirty chunks of `ino` (with `only`, just those of the listed
+    /// indices that are complete) into
     /// the in-flight set and return the jobs that will write them.
-    fn start_flush(&self, st: &mut State, ino: u64, only_full: bool) -> Vec<FlushJob> {
+    fn start_flush(&self, st: &mut State, ino: u64, only: Option<&[u64]>) -> Vec<FlushJob> {
         let cs = self.hdr.chunk_size as usize;
         let epoch = st.seq + 1;
         let mut token = st.next_token;
@@ -999,7 +1004,7 @@ impl Volume {
             let idxs: Vec<u64> = fd
                 .dirty
                 .iter()
-                .filter(|(_, b)| !only_full || b.len() == cs)
+                .filter(|(k, b)| only.is_none_or(|o| o.contains(k) && b.len() == cs))
                 .map(|(k, _)| *k)
                 .collect();
             for idx in idxs {
@@ -1730,7 +1735,7 @@ impl Volume {
             return Err(FsError::FBIG);
         }
         let mut st = self.state.lock();
-        self.write_locked(&mut st, ino, off, data)?;
+        let ended = self.write_locked(&mut st, ino, off, data)?;
         let now = Timespec::now();
         let i = st.get_mut(ino)?;
         i.mtime = now;
@@ -1740,10 +1745,12 @@ impl Volume {
             i.perm &= !0o4000;
         }
         st.dirty.insert(ino);
-        // Complete chunks are encrypted and written right away, outside the
-        // lock, so that large writes proceed in parallel.
+        // Chunks this write completed up to their end (sequential writing)
+        // are encrypted and written right away, outside the lock, so that
+        // large writes proceed in parallel. Chunks touched by small random
+        // writes stay dirty until the next commit.
         if !st.commit_waiting {
-            let jobs = self.start_flush(&mut st, ino, true);
+            let jobs = self.start_flush(&mut st, ino, Some(&ended));
             st = self.run_flush_jobs(st, jobs);
         }
         drop(self.maybe_flush(st));
@@ -1752,11 +1759,13 @@ impl Volume {
         Ok(data.len())
     }
 
-    fn write_locked(&self, st: &mut State, ino: u64, off: u64, data: &[u8]) -> FsResult<()> {
+    /// Returns the indices of chunks whose end this write reached.
+    fn write_locked(&self, st: &mut State, ino: u64, off: u64, data: &[u8]) -> FsResult<Vec<u64>> {
         let cs = self.hdr.chunk_size as u64;
         let inline_max = self.hdr.inline_max as u64;
         let end = off + data.len() as u64;
         let mut added = 0usize;
+        let mut ended = Vec::new();
         {
             let i = st.get_mut(ino)?;
             let size = i.size;
@@ -1774,7 +1783,7 @@ impl Volume {
                     }
                     inl[off as usize..end as usize].copy_from_slice(data);
                     i.size = size.max(end);
-                    return Ok(());
+                    return Ok(ended);
                 }
                 let v = fd.inline.take().expect("inline");
                 if !v.is_empty() {
@@ -1809,12 +1818,15 @@ impl Volume {
                 buf[a..b].copy_from_slice(&data[src..src + (b - a)]);
                 added = added.wrapping_add(buf.len());
                 fd.dirty.insert(idx, buf);
+                if b == cs as usize {
+                    ended.push(idx);
+                }
                 pos = cstart + b as u64;
             }
             i.size = size.max(end);
         }
         st.dirty_bytes = st.dirty_bytes.wrapping_add(added);
-        Ok(())
+        Ok(ended)
     }
 
     fn truncate_locked(&self, st: &mut State, ino: u64, new_size: u64) -> FsResult<()> {

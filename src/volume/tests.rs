@@ -35,6 +35,7 @@ impl Fixture {
         OpenOptions2 {
             read_only: false,
             cache_bytes: 1 << 20,
+            dirty_bytes: 1 << 20,
             state_dir: Some(self.dir.path().join("state")),
         }
     }

@@ -160,11 +160,21 @@ impl Mount {
     /// Unmount cleanly (umount(2)) and wait for the daemon to finish its
     /// final commit; asserts it exited successfully.
     pub fn unmount(mut self) {
-        let st = Command::new("umount")
-            .arg(&self.mountpoint)
-            .status()
-            .unwrap();
-        assert!(st.success(), "umount failed");
+        // A parallel test that forks a tool can briefly hold inherited
+        // descriptors of ours (until its exec closes them): retry on EBUSY.
+        let mut ok = false;
+        for _ in 0..100 {
+            let out = Command::new("umount")
+                .arg(&self.mountpoint)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(ok, "umount failed");
         let mut child = self.child.take().unwrap();
         let st = wait_timeout(&mut child, Duration::from_secs(60));
         assert!(st.success(), "daemon exited with {st}: {}", self.log_text());
