@@ -469,7 +469,7 @@ fn info_and_keys() {
     assert!(out.status.success(), "{}", stderr(&out));
     let s = stdout(&out);
     assert!(s.contains(&format!("Volume id:      {vid}")), "{s}");
-    assert!(s.contains("Chunk size:     64.0 KiB"), "{s}");
+    assert!(s.contains("Chunk size:     128.0 KiB"), "{s}");
     let content = s
         .lines()
         .find(|l| l.starts_with("Content key:"))
@@ -491,7 +491,7 @@ fn info_and_keys() {
     // info --json
     let j = json(&env.sealfs(&["info", store.to_str().unwrap(), "--json"]));
     assert_eq!(j["volume_id"], vid.as_str());
-    assert_eq!(j["chunk_size"], 65536);
+    assert_eq!(j["chunk_size"], 131072);
     assert_eq!(j["content_key"]["id"], test_id.as_str());
     assert_eq!(j["content_key"]["version"], 1);
     assert_eq!(j["metadata_key"]["id"], service_id.as_str());
@@ -604,4 +604,49 @@ fn help() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn disabled_content_key_refuses_mount_until_enabled() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &[]);
+    std::fs::write(m.path("f"), b"data").unwrap();
+    m.unmount();
+    let before = snapshot_store(&store);
+
+    let out = env.sealfs(&["key", "disable", "alias/test"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mp = env.path("mnt");
+    let out = env.sealfs(&["mount", "-f", store.to_str().unwrap(), mp.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Disabled") && err.contains("sealfs key enable"),
+        "{err}"
+    );
+    assert!(!is_mounted(&mp));
+    assert_eq!(
+        before,
+        snapshot_store(&store),
+        "a refused mount changes nothing"
+    );
+
+    // service-managed keys cannot be disabled
+    let out = env.sealfs(&["key", "disable", "alias/sealfs/service"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("managed by sealfs"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = env.sealfs(&["key", "enable", "alias/test"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    m.unmount();
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 128 * 1024;
 
 /// Small deterministic PRNG (splitmix64) so failures can be replayed from
 /// the printed seed.
@@ -139,7 +139,7 @@ fn log_contains(m: &Mount, needle: &str) -> bool {
     }
 }
 
-/// A store holding `/big.bin` (200 KiB, 4 chunk objects) plus inline small
+/// A store holding `/big.bin` (200 KiB, 2 chunk objects of 128 KiB) plus inline small
 /// files and `/other.bin` (another chunked file). Returns the content of
 /// big.bin, other.bin, and the chunk objects that belong to big.bin.
 struct Fixture {
@@ -168,7 +168,7 @@ fn fixture() -> Fixture {
     assert_eq!(
         big_chunks.len(),
         (200 * 1024_usize).div_ceil(CHUNK),
-        "a 200 KiB file should be stored as 4 chunk objects: {big_chunks:?}"
+        "a 200 KiB file should be stored as 2 chunk objects: {big_chunks:?}"
     );
 
     let m = env.mount(&store, "mnt", &[]);
@@ -275,7 +275,7 @@ fn swapped_chunks_are_eio() {
     }
     let f = fixture();
     let a = &f.big_chunks[0];
-    let b = &f.big_chunks[2];
+    let b = &f.big_chunks[1];
     let tmp = f.store.join("chunks").join("swap.tmp");
     std::fs::rename(a, &tmp).unwrap();
     std::fs::rename(b, a).unwrap();
@@ -296,7 +296,7 @@ fn chunk_from_another_store_is_eio() {
     m.unmount();
     let foreign: Vec<PathBuf> = chunk_objects(&store2).into_iter().collect();
     assert!(!foreign.is_empty());
-    std::fs::copy(&foreign[0], &f.big_chunks[3]).unwrap();
+    std::fs::copy(&foreign[0], &f.big_chunks[1]).unwrap();
     check_big_damaged(&f);
 }
 
@@ -323,7 +323,7 @@ fn deleted_chunk_is_eio() {
         return;
     }
     let f = fixture();
-    std::fs::remove_file(&f.big_chunks[2]).unwrap();
+    std::fs::remove_file(&f.big_chunks[1]).unwrap();
     check_big_damaged(&f);
 }
 

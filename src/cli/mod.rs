@@ -163,6 +163,15 @@ pub enum KeyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Enable a key so it can wrap and unwrap data keys again
+    ///
+    /// Example: sealfs key enable alias/photos
+    Enable { key: String },
+    /// Disable a key: volumes whose content it protects cannot be mounted
+    /// until it is enabled again (service-managed keys cannot be disabled)
+    ///
+    /// Example: sealfs key disable alias/photos
+    Disable { key: String },
     /// Show one key: id, aliases, state, origin, versions, created
     ///
     /// Example: sealfs key describe alias/photos
@@ -235,7 +244,16 @@ fn secret(g: &Global, ks_path: &Path, creating: bool) -> Result<KeystoreSecret> 
         return Ok(KeystoreSecret::from_key_file(kf)?);
     }
     if let Some(pf) = &g.passphrase_file {
-        return Ok(KeystoreSecret::from_passphrase_file(pf)?);
+        let s = KeystoreSecret::from_passphrase_file(pf)?;
+        if let KeystoreSecret::Passphrase(p) = &s {
+            if creating && p.chars().count() < 8 {
+                bail!(
+                    "passphrase in {} is too short: use at least 8 characters",
+                    pf.display()
+                );
+            }
+        }
+        return Ok(s);
     }
     if !std::io::stdin().is_terminal() {
         bail!(
@@ -357,6 +375,16 @@ fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
             let mut ks = open_or_create_keystore(g)?;
             let id = ks.create_key(&alias, &description)?;
             println!("{id}");
+        }
+        KeyCmd::Enable { key } => {
+            let mut ks = open_keystore(g, true)?;
+            ks.set_state(&key, kms::KeyState::Enabled)?;
+            println!("key {} is Enabled", ks.resolve(&key)?.id);
+        }
+        KeyCmd::Disable { key } => {
+            let mut ks = open_keystore(g, true)?;
+            ks.set_state(&key, kms::KeyState::Disabled)?;
+            println!("key {} is Disabled", ks.resolve(&key)?.id);
         }
         KeyCmd::List { json } => {
             let ks = open_keystore(g, false)?;
@@ -901,8 +929,14 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
     // Background daemons log to `log=FILE`, else to a file per volume in
     // the state directory.
     let log_path = o.log.clone().or_else(|| {
+        use std::os::unix::fs::DirBuilderExt;
+        // logs name files: keep them private to the mounting user
         let d = volume::default_state_dir().join("log");
-        std::fs::create_dir_all(&d).ok()?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .ok()?;
         Some(d.join(format!("{}.log", vol.id())))
     });
     serve(vol, store, mountpoint, o, move || {
@@ -912,9 +946,11 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
         let target = log_path
             .as_ref()
             .and_then(|p| {
+                use std::os::unix::fs::OpenOptionsExt;
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o600)
                     .open(p)
                     .ok()
             })

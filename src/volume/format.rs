@@ -221,7 +221,18 @@ fn chunk_ad(store_id: &[u8; 16], id: &[u8; 16], gen: u32) -> Vec<u8> {
     ad
 }
 
-/// Seal a chunk object: `magic ‖ version ‖ gen ‖ nonce ‖ ciphertext ‖ tag`.
+/// Chunk plaintext is zero-padded to a multiple of this many bytes before
+/// sealing, so an object's size reveals a file's tail length only rounded
+/// up to 4 KiB.
+pub const CHUNK_PAD: usize = 4096;
+
+/// Length of a chunk's padded plaintext.
+pub fn padded_len(len: usize) -> usize {
+    len.div_ceil(CHUNK_PAD) * CHUNK_PAD
+}
+
+/// Seal a chunk object: `magic ‖ version ‖ gen ‖ nonce ‖ ciphertext ‖ tag`,
+/// where the plaintext is `data ‖ zero padding` (see [`CHUNK_PAD`]).
 pub fn seal_chunk(
     key: &AeadKey,
     store_id: &[u8; 16],
@@ -229,7 +240,15 @@ pub fn seal_chunk(
     gen: u32,
     plain: &[u8],
 ) -> Vec<u8> {
-    let sealed = key.seal(&chunk_ad(store_id, id, gen), plain);
+    let ad = chunk_ad(store_id, id, gen);
+    let sealed = if plain.len() % CHUNK_PAD == 0 {
+        key.seal(&ad, plain)
+    } else {
+        let mut padded = Vec::with_capacity(padded_len(plain.len()));
+        padded.extend_from_slice(plain);
+        padded.resize(padded_len(plain.len()), 0);
+        key.seal(&ad, &padded)
+    };
     let mut out = Vec::with_capacity(10 + sealed.len());
     out.extend_from_slice(CHUNK_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -238,12 +257,14 @@ pub fn seal_chunk(
     out
 }
 
-/// Open a chunk object; fails on any modification, swap or truncation.
+/// Open a chunk object holding `len` data bytes; fails on any
+/// modification, swap or truncation, and on a length or padding mismatch.
 pub fn open_chunk(
     key: &AeadKey,
     store_id: &[u8; 16],
     id: &[u8; 16],
     gen: u32,
+    len: usize,
     data: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
     if data.len() < 10 || &data[..4] != CHUNK_MAGIC {
@@ -258,8 +279,14 @@ pub fn open_chunk(
             "chunk object belongs to another content-key generation",
         ));
     }
-    key.open(&chunk_ad(store_id, id, gen), &data[10..])
-        .map_err(|_| bad("chunk object failed authentication"))
+    let mut plain = key
+        .open(&chunk_ad(store_id, id, gen), &data[10..])
+        .map_err(|_| bad("chunk object failed authentication"))?;
+    if plain.len() != padded_len(len) || plain[len..].iter().any(|&b| b != 0) {
+        return Err(bad("chunk object has the wrong length"));
+    }
+    plain.truncate(len);
+    Ok(plain)
 }
 
 fn inline_ad(store_id: &[u8; 16], ino: u64) -> Vec<u8> {
@@ -511,12 +538,18 @@ mod tests {
         ad.extend_from_slice(&sid);
         ad.extend_from_slice(&id);
         ad.extend_from_slice(&1u32.to_le_bytes());
-        let sealed = k.seal_with_nonce(&[9u8; 12], &ad, b"hello");
+        let mut padded = b"hello".to_vec();
+        padded.resize(CHUNK_PAD, 0);
+        let sealed = k.seal_with_nonce(&[9u8; 12], &ad, &padded);
         let mut obj = b"SFCK".to_vec();
         obj.extend_from_slice(&[1, 0, 1, 0, 0, 0]);
         obj.extend_from_slice(&sealed);
-        assert_eq!(open_chunk(&k, &sid, &id, 1, &obj).unwrap(), b"hello");
-        assert_eq!(obj.len(), 10 + 12 + 5 + 16);
+        assert_eq!(open_chunk(&k, &sid, &id, 1, 5, &obj).unwrap(), b"hello");
+        assert_eq!(obj.len(), 10 + 12 + 4096 + 16);
+        // the length recorded in metadata must match: data where padding
+        // should be, or a padded length that does not fit, is refused
+        assert!(open_chunk(&k, &sid, &id, 1, 4, &obj).is_err());
+        assert!(open_chunk(&k, &sid, &id, 1, 4097, &obj).is_err());
         assert_eq!(&obj[..10], b"SFCK\x01\x00\x01\x00\x00\x00");
     }
 
@@ -525,19 +558,25 @@ mod tests {
         let k = key();
         let sid = [1u8; 16];
         let a = seal_chunk(&k, &sid, &[2u8; 16], 1, b"data-a");
-        assert_eq!(open_chunk(&k, &sid, &[2u8; 16], 1, &a).unwrap(), b"data-a");
+        assert_eq!(
+            open_chunk(&k, &sid, &[2u8; 16], 1, 6, &a).unwrap(),
+            b"data-a"
+        );
         // swapped under another id
-        assert!(open_chunk(&k, &sid, &[3u8; 16], 1, &a).is_err());
+        assert!(open_chunk(&k, &sid, &[3u8; 16], 1, 6, &a).is_err());
         // another store
-        assert!(open_chunk(&k, &[9u8; 16], &[2u8; 16], 1, &a).is_err());
+        assert!(open_chunk(&k, &[9u8; 16], &[2u8; 16], 1, 6, &a).is_err());
         // other generation
-        assert!(open_chunk(&k, &sid, &[2u8; 16], 2, &a).is_err());
+        assert!(open_chunk(&k, &sid, &[2u8; 16], 2, 6, &a).is_err());
         for i in 0..a.len() {
             let mut t = a.clone();
             t[i] ^= 0x80;
-            assert!(open_chunk(&k, &sid, &[2u8; 16], 1, &t).is_err(), "flip {i}");
+            assert!(
+                open_chunk(&k, &sid, &[2u8; 16], 1, 6, &t).is_err(),
+                "flip {i}"
+            );
         }
-        assert!(open_chunk(&k, &sid, &[2u8; 16], 1, &a[..a.len() - 1]).is_err());
+        assert!(open_chunk(&k, &sid, &[2u8; 16], 1, 6, &a[..a.len() - 1]).is_err());
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub const LOCK_FILE: &str = "lock";
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;
 /// Default chunk size.
-pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
 /// Files up to this size are kept inline in (content-key-sealed) metadata.
 pub const DEFAULT_INLINE_MAX: u32 = 4096;
 /// Longest file name.
@@ -905,16 +905,13 @@ impl Volume {
             &self.hdr.store_id,
             &r.id,
             self.hdr.content_gen,
+            r.len as usize,
             &data,
         )
         .map_err(|e| {
             log::error!("chunk {}: {e}", r.name());
             FsError::IO
         })?;
-        if plain.len() != r.len as usize {
-            log::error!("chunk {} has the wrong length", r.name());
-            return Err(FsError::IO);
-        }
         let a = Arc::new(plain);
         self.cache.lock().put(r.id, a.clone());
         Ok(a)
@@ -1670,20 +1667,26 @@ impl Volume {
                 _ => None,
             })
             .collect();
-        let loaded: Vec<FsResult<Arc<Vec<u8>>>> = if refs.len() >= 4 {
-            let (first, second) = refs.split_at(refs.len() / 2);
+        let loaded: Vec<FsResult<Arc<Vec<u8>>>> = if refs.len() >= 2 {
+            // Object reads wait on the disk as much as on the CPU: up to
+            // four loads at a time.
+            let per = refs.len().div_ceil(4).max(1);
             std::thread::scope(|sc| {
-                let h = sc.spawn(|| {
-                    second
-                        .iter()
-                        .map(|r| self.load_chunk(r))
-                        .collect::<Vec<_>>()
-                });
-                let mut v: Vec<_> = first.iter().map(|r| self.load_chunk(r)).collect();
-                v.extend(
-                    h.join()
-                        .unwrap_or_else(|_| vec![Err(FsError::IO); second.len()]),
-                );
+                let handles: Vec<_> = refs
+                    .chunks(per)
+                    .map(|part| {
+                        sc.spawn(move || {
+                            part.iter().map(|r| self.load_chunk(r)).collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                let mut v = Vec::with_capacity(refs.len());
+                for (h, part) in handles.into_iter().zip(refs.chunks(per)) {
+                    v.extend(
+                        h.join()
+                            .unwrap_or_else(|_| vec![Err(FsError::IO); part.len()]),
+                    );
+                }
                 v
             })
         } else {
