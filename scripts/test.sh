@@ -25,4 +25,15 @@ if [ -n "${CI+x}" ]; then
 fi
 
 echo "== cargo test${*:+ $*} =="
-cargo test "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line over all test binaries (cargo prints one per binary).
+passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
+echo
+echo "total: ${passed} passed, ${failed} failed"
+exit "$rc"
