@@ -753,8 +753,11 @@ impl Volume {
         let due = checkpoint
             || st.records_since_ckpt >= CHECKPOINT_RECORDS
             || st.journal_bytes_since_ckpt >= CHECKPOINT_BYTES.max(st.ckpt_bytes);
+        // (pending frees need a commit too: objects of a file unlinked while
+        // open are only released at its last close)
         if st.dirty.is_empty()
             && st.deleted.is_empty()
+            && st.pending_free.is_empty()
             && !(checkpoint && st.records_since_ckpt > 0)
         {
             return Ok(());

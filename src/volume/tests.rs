@@ -171,6 +171,10 @@ fn unlinked_open_file_lives_until_release() {
     v.write(a.ino, 0, b"xyz").unwrap();
     v.commit(false).unwrap();
     v.release_file(a.ino);
+    // releasing frees the objects at the next commit, even with no other change
+    v.commit(false).unwrap();
+    let store = LocalDirStore::open(&f.store()).unwrap();
+    assert!(store.list(Kind::Chunk).unwrap().is_empty());
     assert_eq!(v.getattr(a.ino).unwrap_err(), FsError::NOENT);
     v.close().unwrap();
     drop(v);
