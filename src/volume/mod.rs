@@ -1615,11 +1615,7 @@ impl Volume {
             let st = self.state.lock();
             let i = st.get(ino)?;
             let InodeData::File(fd) = &i.data else {
-                return Err(if i.kind == FileKind::Dir {
-                    FsError::ISDIR
-                } else {
-                    FsError::INVAL
-                });
+                return Err(not_a_file(i.kind));
             };
             if off >= i.size || size == 0 {
                 return Ok(Vec::new());
@@ -1776,11 +1772,7 @@ impl Volume {
             let i = st.get_mut(ino)?;
             let size = i.size;
             let InodeData::File(fd) = &mut i.data else {
-                return Err(if i.kind == FileKind::Dir {
-                    FsError::ISDIR
-                } else {
-                    FsError::INVAL
-                });
+                return Err(not_a_file(i.kind));
             };
             if let Some(inl) = &mut fd.inline {
                 if end <= inline_max {
@@ -1846,11 +1838,7 @@ impl Volume {
         {
             let i = st.get_mut(ino)?;
             let InodeData::File(fd) = &mut i.data else {
-                return Err(if i.kind == FileKind::Dir {
-                    FsError::ISDIR
-                } else {
-                    FsError::INVAL
-                });
+                return Err(not_a_file(i.kind));
             };
             if let Some(inl) = &mut fd.inline {
                 if new_size <= inline_max {
@@ -2149,6 +2137,15 @@ impl Drop for Volume {
                 log::error!("closing {} failed: {e}", self.root.display());
             }
         }
+    }
+}
+
+/// The error for a content operation on something that is not a file.
+fn not_a_file(kind: FileKind) -> FsError {
+    if kind == FileKind::Dir {
+        FsError::ISDIR
+    } else {
+        FsError::INVAL
     }
 }
 
