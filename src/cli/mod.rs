@@ -912,9 +912,9 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
     std::io::stdin().read_to_end(&mut input).ok();
     let ks_path = keystore_path(g);
     let sec = if input.first() == Some(&b'P') {
-        let p = String::from_utf8(input[1..].to_vec())
-            .map_err(|_| anyhow!("passphrase is not UTF-8"))?;
-        KeystoreSecret::Passphrase(Zeroizing::new(p))
+        // borrow, so that no copy outlives the zeroizing buffer on error
+        let p = std::str::from_utf8(&input[1..]).map_err(|_| anyhow!("passphrase is not UTF-8"))?;
+        KeystoreSecret::Passphrase(Zeroizing::new(p.to_string()))
     } else {
         secret(g, &ks_path, false)?
     };
