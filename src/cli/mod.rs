@@ -882,17 +882,23 @@ fn spawn_daemon(g: &Global, store: &Path, mountpoint: &Path, raw_opts: &[String]
                 .ok();
         }
     }
+    // Drain the daemon's stderr on a thread so that a chatty start-up
+    // (-vv) cannot fill the pipe and block it before it reports READY.
+    let stderr = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        let mut stderr = stderr;
+        stderr.read_to_string(&mut err).ok();
+        err
+    });
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).ok();
     if line.trim() == "READY" {
         return Ok(());
     }
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_string(&mut err).ok();
-    }
     let _ = child.wait();
+    let err = err_reader.join().unwrap_or_default();
     let msg = err
         .lines()
         .filter(|l| !l.trim().is_empty())

@@ -263,6 +263,9 @@ pub struct VolumeInfo {
     pub meta_bytes: u64,
 }
 
+/// Chunks loaded ahead of a read-modify-write, by index.
+type Pinned = std::collections::HashMap<u64, Arc<Vec<u8>>>;
+
 /// One chunk being encrypted and written outside the state lock.
 struct FlushJob {
     ino: u64,
@@ -1713,17 +1716,42 @@ impl Volume {
 
     /// Get a chunk's current plaintext for modification (dirty buffer,
     /// stored chunk or empty for a hole).
-    fn chunk_for_update(&self, fd: &mut FileData, idx: u64) -> FsResult<Vec<u8>> {
+    fn chunk_for_update(&self, fd: &mut FileData, idx: u64, pinned: &Pinned) -> FsResult<Vec<u8>> {
         if let Some(b) = fd.dirty.remove(&idx) {
             return Ok(b);
         }
         if let Some((_, b)) = fd.flushing.remove(&idx) {
             return Ok(b.as_ref().clone());
         }
+        if let Some(b) = pinned.get(&idx) {
+            return Ok(b.as_ref().clone());
+        }
         match fd.chunks.get(&idx) {
             Some(r) => Ok(self.load_chunk(r)?.as_ref().clone()),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Load the stored chunks among `idxs` that an operation on `ino` will
+    /// read-modify-write, before it changes anything: a damaged chunk then
+    /// fails the operation with EIO and leaves the inode untouched.
+    fn preload(&self, st: &State, ino: u64, idxs: &[u64]) -> FsResult<Pinned> {
+        let mut out = Pinned::new();
+        if let Ok(Inode {
+            data: InodeData::File(fd),
+            ..
+        }) = st.get(ino)
+        {
+            for &idx in idxs {
+                if fd.dirty.contains_key(&idx) || fd.flushing.contains_key(&idx) {
+                    continue;
+                }
+                if let Some(r) = fd.chunks.get(&idx) {
+                    out.insert(idx, self.load_chunk(r)?);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Write `data` at `off`; returns the bytes written.
@@ -1768,6 +1796,7 @@ impl Volume {
         let end = off + data.len() as u64;
         let mut added = 0usize;
         let mut ended = Vec::new();
+        let pinned = self.preload(st, ino, &[off / cs, (end - 1) / cs])?;
         {
             let i = st.get_mut(ino)?;
             let size = i.size;
@@ -1803,7 +1832,7 @@ impl Volume {
                     vec![0u8; b]
                 } else {
                     let had = fd.dirty.get(&idx).map(|x| x.len());
-                    let v = self.chunk_for_update(fd, idx)?;
+                    let v = self.chunk_for_update(fd, idx, &pinned)?;
                     if let Some(h) = had {
                         added = added.wrapping_sub(h);
                     }
@@ -1835,6 +1864,11 @@ impl Volume {
         }
         let mut freed = Vec::new();
         let mut dirty_delta: isize = 0;
+        let pinned = if new_size % cs != 0 {
+            self.preload(st, ino, &[new_size / cs])?
+        } else {
+            Pinned::new()
+        };
         {
             let i = st.get_mut(ino)?;
             let InodeData::File(fd) = &mut i.data else {
@@ -1871,7 +1905,7 @@ impl Volume {
                         || (!fd.flushing.contains_key(&idx)
                             && fd.chunks.get(&idx).is_some_and(|r| r.len as usize > keep))
                     {
-                        let mut b = self.chunk_for_update(fd, idx)?;
+                        let mut b = self.chunk_for_update(fd, idx, &pinned)?;
                         b.truncate(keep);
                         dirty_delta += b.len() as isize;
                         fd.dirty.insert(idx, b);
@@ -1956,6 +1990,7 @@ impl Volume {
         let cs = self.hdr.chunk_size as u64;
         let mut freed = Vec::new();
         let mut delta: isize = 0;
+        let pinned = self.preload(st, ino, &[off / cs, (end - 1) / cs])?;
         {
             let i = st.get_mut(ino)?;
             let InodeData::File(fd) = &mut i.data else {
@@ -1984,7 +2019,7 @@ impl Volume {
                     fd.flushing.remove(&idx);
                 } else if fd.present(idx) {
                     let had = fd.dirty.get(&idx).map(|x| x.len() as isize).unwrap_or(0);
-                    let mut buf = self.chunk_for_update(fd, idx)?;
+                    let mut buf = self.chunk_for_update(fd, idx, &pinned)?;
                     let hi = b.min(buf.len());
                     if a < hi {
                         buf[a..hi].fill(0);

@@ -645,3 +645,44 @@ fn concurrent_writers_and_commits_keep_every_byte() {
     let objs = store.list(Kind::Chunk).unwrap().len();
     assert_eq!(objs, (want.len() as u64).div_ceil(4096) as usize);
 }
+
+#[test]
+fn damaged_chunk_fails_partial_updates_without_changing_the_file() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[9u8; 12288]).unwrap();
+    v.close().unwrap();
+    drop(v);
+    // damage every chunk object
+    let store = LocalDirStore::open(&f.store()).unwrap();
+    for n in store.list(Kind::Chunk).unwrap() {
+        let p = f.store().join("chunks").join(&n[..2]).join(&n);
+        let mut d = std::fs::read(&p).unwrap();
+        let last = d.len() - 1;
+        d[last] ^= 1;
+        std::fs::write(&p, d).unwrap();
+    }
+    let v = f.open();
+    let trunc = SetAttr {
+        size: Some(5000),
+        ..Default::default()
+    };
+    assert_eq!(v.setattr(a.ino, &trunc).unwrap_err(), FsError::IO);
+    assert_eq!(v.write(a.ino, 4000, &[1u8; 200]).unwrap_err(), FsError::IO);
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(
+        v.fallocate(a.ino, 100, 200, punch).unwrap_err(),
+        FsError::IO
+    );
+    assert_eq!(v.getattr(a.ino).unwrap().size, 12288);
+    v.close().unwrap();
+    drop(v);
+    // nothing was committed by the failed operations
+    let v = f.open();
+    assert_eq!(v.getattr(a.ino).unwrap().size, 12288);
+    assert_eq!(store.list(Kind::Chunk).unwrap().len(), 3);
+}
