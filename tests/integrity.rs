@@ -18,44 +18,6 @@ use std::time::{Duration, Instant};
 
 const CHUNK: usize = 128 * 1024;
 
-/// Small deterministic PRNG (splitmix64) so failures can be replayed from
-/// the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Rng {
-        let seed = std::env::var("SEALFS_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("seed: SEALFS_TEST_SEED={seed}");
-        Rng(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
 /// Every chunk object file of a store.
 fn chunk_objects(store: &Path) -> BTreeSet<PathBuf> {
     let mut out = BTreeSet::new();
@@ -646,7 +608,7 @@ fn kill9_keeps_fsynced_files_and_never_invents_content() {
             let log = log.clone();
             let stop = stop.clone();
             let base = m.path(&dir);
-            let mut wrng = Rng(rng.next());
+            let mut wrng = Rng::new(rng.next());
             std::thread::spawn(move || {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {

@@ -15,36 +15,9 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{FallocateFlags, RenameFlags, XattrFlags, CWD};
 
-const CHUNK: usize = 64 * 1024;
+/// The default chunk size of new stores (boundary tests depend on it).
+const CHUNK: usize = 128 * 1024;
 const INLINE: usize = 4096;
-
-/// Small deterministic PRNG (xorshift64*), no extra crate.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     Rng::new(seed).bytes(len)
@@ -1735,7 +1708,7 @@ fn mmap_read_write_msync() {
     }
     let (env, store, m) = setup();
     let p = m.path("mapped");
-    let mut d = pattern(61, 2 * CHUNK);
+    let mut d = pattern(61, 128 * 1024); // sizes below are spelled out in the script
     d[..5].copy_from_slice(b"hello");
     fs::write(&p, &d).unwrap();
     let script = r#"
