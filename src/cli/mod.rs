@@ -914,8 +914,12 @@ fn spawn_daemon(g: &Global, store: &Path, mountpoint: &Path, raw_opts: &[String]
 /// Daemon side: read the passphrase (if any) from stdin, open the volume,
 /// mount, report READY on stdout, then detach from the terminal.
 fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) -> Result<()> {
-    let mut input = Zeroizing::new(Vec::new());
-    std::io::stdin().read_to_end(&mut input).ok();
+    // Room up front: a reallocation would free an un-zeroized copy.
+    let mut input = Zeroizing::new(Vec::with_capacity(64 * 1024));
+    std::io::stdin()
+        .take(64 * 1024 - 1)
+        .read_to_end(&mut input)
+        .ok();
     let ks_path = keystore_path(g);
     let sec = if input.first() == Some(&b'P') {
         // borrow, so that no copy outlives the zeroizing buffer on error
