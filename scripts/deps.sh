@@ -102,6 +102,17 @@ if [ ! -c /dev/fuse ]; then
     mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
 fi
 [ -c /dev/fuse ] || die "/dev/fuse does not exist and could not be created (no fuse kernel module? in a container, start it with --device /dev/fuse --cap-add SYS_ADMIN)"
+# Non-root mounts (through fusermount3) need /dev/fuse open to everyone, as
+# the fuse3 package's udev rule makes it on a standard system; a container
+# runtime may create it 0600.
+if [ "$(stat -c '%a' /dev/fuse)" != "666" ]; then
+    if is_root; then
+        log "making /dev/fuse mode 0666 (as udev does) so that non-root users can mount"
+        chmod 0666 /dev/fuse || log "WARNING: chmod 0666 /dev/fuse failed; non-root mounts will fail"
+    else
+        log "WARNING: /dev/fuse is mode $(stat -c '%a' /dev/fuse), not 0666; non-root mounts will fail (run this script as root)"
+    fi
+fi
 if ! grep -qw fuse /proc/filesystems 2>/dev/null; then
     log "WARNING: 'fuse' is not listed in /proc/filesystems; mounting may fail"
 fi

@@ -9,6 +9,13 @@ cd "$ROOT"
 
 echo "== sealfs tests =="
 bash scripts/deps.sh
+# The mount(8) tests use the installed helper (/sbin/mount.fuse.sealfs):
+# install this tree's build (scripts/uninstall.sh removes it again).
+if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/install.sh
+else
+    echo "not root: skipping scripts/install.sh; mount(8) helper tests need it"
+fi
 
 echo "kernel:    $(uname -r)"
 if [ -c /dev/fuse ]; then

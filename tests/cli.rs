@@ -61,16 +61,6 @@ fn failed_mount(mut base: Command, store: &Path, mp: &Path, fg: bool, opts: &[&s
 }
 
 /// Lazily unmounts a background mount if a test panics.
-struct BgGuard(PathBuf);
-
-impl Drop for BgGuard {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
 fn empty_dir(env: &Env, name: &str) -> PathBuf {
     let p = env.path(name);
     std::fs::create_dir_all(&p).unwrap();

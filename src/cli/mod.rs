@@ -1,7 +1,10 @@
 //! The `sealfs` command line: subcommands, secrets, mounting and
 //! daemonizing. Errors are reported with context here, at the edge.
 
+pub mod helper;
+pub mod logging;
 pub mod options;
+pub mod status;
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -17,6 +20,7 @@ use zeroize::Zeroizing;
 use crate::kms::{self, KeyManager, Keystore, KeystoreSecret, MasterKey};
 use crate::volume::{self, CreateOptions, OpenOptions2, Volume};
 use options::MountOpts;
+use status::unescape_mountinfo;
 
 /// sealfs — an encrypted filesystem with real key management.
 ///
@@ -123,6 +127,10 @@ pub enum Cmd {
         /// Internal: run as the background daemon started by `sealfs mount`
         #[arg(long, hide = true)]
         daemon_child: bool,
+        /// Check options, store and mountpoint, then stop without mounting
+        /// (what `mount -f` asks of a helper)
+        #[arg(long, hide = true)]
+        fake: bool,
     },
     /// Unmount a sealfs mount and wait until everything is written
     ///
@@ -133,6 +141,15 @@ pub enum Cmd {
         /// Detach now even if busy or if the daemon is gone (umount -l)
         #[arg(short, long)]
         lazy: bool,
+    },
+    /// List live sealfs mounts: store, mountpoint, volume, key, mode,
+    /// uptime and bytes read/written (stale mounts whose daemon died too)
+    ///
+    /// Example: sealfs status
+    Status {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
     },
     /// Show a volume's id, keys, chunk size and usage
     ///
@@ -182,13 +199,30 @@ pub enum KeyCmd {
     },
 }
 
+/// Exit status of a mount helper whose mount failed (mount(8)'s "mount
+/// failure"); invocation errors exit with 1.
+const HELPER_MOUNT_FAILURE: i32 = 32;
+
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (args, helper_mode) = match helper::translate(&args) {
+        Ok(Some(a)) => (a, true),
+        Ok(None) => (args, false),
+        Err(e) => {
+            eprintln!("sealfs: error: {e}");
+            return 1;
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
+            return match (e.use_stderr(), helper_mode) {
+                (false, _) => 0,
+                (true, true) => 1,
+                (true, false) => 2,
+            };
         }
     };
     let debug_opt = matches!(&cli.cmd, Cmd::Mount { options, .. }
@@ -198,14 +232,16 @@ pub fn main() -> i32 {
         1 => "info",
         _ => "debug",
     };
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp_millis()
-        .try_init();
+    logging::init(level);
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("sealfs: error: {e:#}");
-            1
+            if helper_mode {
+                HELPER_MOUNT_FAILURE
+            } else {
+                1
+            }
         }
     }
 }
@@ -226,9 +262,16 @@ fn run(cli: Cli) -> Result<()> {
             foreground,
             options,
             daemon_child,
-        } => cmd_mount(&g, &store, &mountpoint, foreground, &options, daemon_child),
+            fake,
+        } => {
+            if fake {
+                return check_mount(&g, &store, &mountpoint, &options).map(|_| ());
+            }
+            cmd_mount(&g, &store, &mountpoint, foreground, &options, daemon_child)
+        }
         Cmd::Umount { mountpoint, lazy } => cmd_umount(&mountpoint, lazy),
         Cmd::Info { store, json } => cmd_info(&g, &store, json),
+        Cmd::Status { json } => cmd_status(json),
     }
 }
 
@@ -610,14 +653,15 @@ fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<()> {
     Ok(())
 }
 
-fn cmd_mount(
+/// Everything a mount needs, checked before anything is mounted: options,
+/// store and mountpoint. Returns the effective global options (mount
+/// options override them), absolute paths and the parsed options.
+fn check_mount(
     g: &Global,
     store: &Path,
     mountpoint: &Path,
-    foreground: bool,
     raw_opts: &[String],
-    daemon_child: bool,
-) -> Result<()> {
+) -> Result<(Global, PathBuf, PathBuf, MountOpts)> {
     let mut o = MountOpts::default();
     for r in raw_opts {
         options::parse_into(&mut o, r).map_err(|e| anyhow!(e))?;
@@ -632,6 +676,7 @@ fn cmd_mount(
     }
     if o.passphrase_file.is_some() {
         g.passphrase_file = o.passphrase_file.clone();
+        g.key_file = None;
     }
     let store = std::path::absolute(store)
         .with_context(|| format!("bad store path {}", store.display()))?;
@@ -653,15 +698,82 @@ fn cmd_mount(
         );
     }
     check_mountpoint(&mountpoint, o.nonempty)?;
+    if o.log.as_deref() == Some(Path::new(options::LOG_SYSLOG)) && !logging::syslog_available() {
+        bail!(
+            "mount option 'log=syslog': there is no syslog socket (/dev/log); \
+             start systemd-journald or rsyslog, or use log=FILE"
+        );
+    }
+    if store_in_use(&store) && !store_mounted(&store) {
+        // An unmounted store whose lock is still held: most likely the
+        // daemon of a mount just unmounted with umount(8) is still writing
+        // its final commit. Give it time.
+        log::warn!(
+            "store {} is still locked; waiting for the previous daemon to finish",
+            store.display()
+        );
+        let start = Instant::now();
+        while store_in_use(&store) && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if store_in_use(&store) {
+        bail!(
+            "store {} is in use (mounted, or being changed by another sealfs command); \
+             see `sealfs status`, and unmount it first",
+            store.display()
+        );
+    }
+    if (o.allow_other || o.allow_root)
+        && !rustix::process::geteuid().is_root()
+        && !fuse_conf_allows_other(&std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default())
+    {
+        bail!(
+            "mount option '{}' for a non-root user needs `user_allow_other` in /etc/fuse.conf \
+             (ask an administrator to add that line), or mount without it",
+            if o.allow_other {
+                "allow_other"
+            } else {
+                "allow_root"
+            }
+        );
+    }
+    Ok((g, store, mountpoint, o))
+}
 
+/// Whether the mount table shows a sealfs mount of `store`.
+fn store_mounted(store: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    status::parse_mountinfo(&info)
+        .iter()
+        .any(|m| m.source == store)
+}
+
+/// Whether /etc/fuse.conf text enables `user_allow_other`.
+fn fuse_conf_allows_other(conf: &str) -> bool {
+    conf.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .any(|l| l == "user_allow_other")
+}
+
+fn cmd_mount(
+    g: &Global,
+    store: &Path,
+    mountpoint: &Path,
+    foreground: bool,
+    raw_opts: &[String],
+    daemon_child: bool,
+) -> Result<()> {
+    let (g, store, mountpoint, o) = check_mount(g, store, mountpoint, raw_opts)?;
     if daemon_child {
         return run_daemon_child(&g, &store, &mountpoint, &o);
     }
     if foreground {
         let ks = open_keystore(&g, false)?;
         let vol = open_volume(&store, &ks, &o)?;
+        let key = key_label(&ks, &vol.content_key_id().0);
         drop(ks);
-        return serve(vol, &store, &mountpoint, &o, || {});
+        return serve(vol, &store, &mountpoint, &o, key, || {});
     }
     spawn_daemon(&g, &store, &mountpoint, raw_opts)
 }
@@ -683,6 +795,7 @@ fn serve(
     store: &Path,
     mountpoint: &Path,
     o: &MountOpts,
+    key: String,
     ready: impl FnOnce(),
 ) -> Result<()> {
     use fuser::MountOption as M;
@@ -747,10 +860,28 @@ fn serve(
         })
         .context("cannot start the signal thread")?;
     log::info!("mounted {} on {}", store.display(), mountpoint.display());
+    let (key_id, key_version) = vol.content_key_id();
+    let publisher = status::Publisher::start(
+        &vol,
+        status::MountStatus {
+            pid: std::process::id(),
+            store: store.to_path_buf(),
+            mountpoint: mountpoint.to_path_buf(),
+            volume_id: vol.id(),
+            key_id,
+            key_version,
+            key,
+            read_only: o.read_only,
+            started: status::now_secs(),
+            bytes_read: 0,
+            bytes_written: 0,
+        },
+    );
     ready();
     let r = session.run();
     sig_handle.close();
     let closed = vol.close();
+    drop(publisher);
     r.with_context(|| {
         format!(
             "FUSE session for {} ended with an error",
@@ -786,6 +917,22 @@ fn mount_session(
         )
     };
     if !rustix::process::geteuid().is_root() {
+        // fuser (like libfuse) opens /dev/fuse itself before handing the
+        // mount to fusermount3; udev makes it 0666 on a standard system.
+        if rustix::fs::access(
+            "/dev/fuse",
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        )
+        .is_err()
+        {
+            bail!(
+                "cannot mount {} on {}: /dev/fuse is not readable and writable for you; \
+                 FUSE needs it mode 0666 (the fuse3 package's udev rule does that): \
+                 ask an administrator to run `chmod 0666 /dev/fuse`",
+                store.display(),
+                mountpoint.display()
+            );
+        }
         let s = fuser::Session::new(fs, mountpoint, cfg).map_err(|e| fail(&e))?;
         return Ok((s, false));
     }
@@ -934,12 +1081,22 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
     let ks = Keystore::open(&ks_path, &sec, false)?;
     drop(sec);
     let vol = open_volume(store, &ks, o)?;
+    let key = key_label(&ks, &vol.content_key_id().0);
     drop(ks);
     let _ = rustix::process::setsid();
-    // Background daemons log to `log=FILE`, else to a file per volume in
-    // the state directory.
-    let log_path = o.log.clone().or_else(|| {
+    // Background daemons log to `log=FILE`, to syslog with `log=syslog`,
+    // else to syslog when there is one, else to a file per volume in the
+    // state directory.
+    let to_syslog = match o.log.as_deref() {
+        Some(p) => p == Path::new(options::LOG_SYSLOG),
+        None => logging::syslog_available(),
+    };
+    let explicit_file = o.log.clone().filter(|_| !to_syslog);
+    let log_path = explicit_file.clone().or_else(|| {
         use std::os::unix::fs::DirBuilderExt;
+        if to_syslog {
+            return None;
+        }
         // logs name files: keep them private to the mounting user
         let d = volume::default_state_dir().join("log");
         std::fs::DirBuilder::new()
@@ -949,30 +1106,43 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
             .ok()?;
         Some(d.join(format!("{}.log", vol.id())))
     });
-    serve(vol, store, mountpoint, o, move || {
+    let log_file = match &log_path {
+        Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(p)
+            {
+                Ok(f) => Some(f),
+                Err(e) if explicit_file.is_some() => {
+                    bail!("mount option 'log={}': cannot open it: {e}", p.display())
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    serve(vol, store, mountpoint, o, key, move || {
         // Report success, then route stdout/stderr to the log (or nowhere).
         println!("READY");
         let _ = std::io::stdout().flush();
-        let target = log_path
-            .as_ref()
-            .and_then(|p| {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(p)
-                    .ok()
-            })
-            .or_else(|| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open("/dev/null")
-                    .ok()
-            });
+        let target = log_file.or_else(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .ok()
+        });
         if let Some(f) = target {
             let _ = rustix::stdio::dup2_stdout(&f);
             let _ = rustix::stdio::dup2_stderr(&f);
+        }
+        if to_syslog {
+            if let Err(e) = logging::to_syslog() {
+                // stderr is the log file or /dev/null by now
+                eprintln!("sealfs: {e}");
+            }
         }
     })
 }
@@ -997,24 +1167,77 @@ fn mount_source(mp: &Path) -> Option<(PathBuf, String)> {
     found
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
+fn cmd_status(json: bool) -> Result<()> {
+    let rows = status::collect();
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let s = r.status.as_ref();
+                serde_json::json!({
+                    "mountpoint": r.entry.mountpoint,
+                    "store": r.entry.source,
+                    "state": r.state,
+                    "read_only": r.entry.read_only,
+                    "pid": s.map(|s| s.pid),
+                    "volume_id": s.map(|s| &s.volume_id),
+                    "key_id": s.map(|s| &s.key_id),
+                    "key_version": s.map(|s| s.key_version),
+                    "key": s.map(|s| &s.key),
+                    "started": s.map(|s| fmt_time(s.started)),
+                    "uptime_seconds": s.map(|s| status::uptime(s.started)),
+                    "bytes_read": s.map(|s| s.bytes_read),
+                    "bytes_written": s.map(|s| s.bytes_written),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no sealfs mounts");
+        return Ok(());
+    }
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("Mountpoint:     {}", r.entry.mountpoint.display());
+        println!("Store:          {}", r.entry.source.display());
+        let mode = if r.entry.read_only {
+            "read-only"
         } else {
-            out.push(b[i]);
-            i += 1;
+            "read-write"
+        };
+        match (r.state, &r.status) {
+            ("stale", _) => println!(
+                "State:          stale: the daemon is gone; clear it with `sealfs umount {}`",
+                r.entry.mountpoint.display()
+            ),
+            (state, _) => println!("State:          {state}, {mode}"),
+        }
+        match &r.status {
+            Some(s) => {
+                println!("Volume id:      {}", s.volume_id);
+                println!("Content key:    {} v{}", s.key, s.key_version);
+                println!("Daemon pid:     {}", s.pid);
+                println!(
+                    "Uptime:         {} (since {})",
+                    status::fmt_uptime(status::uptime(s.started)),
+                    fmt_time(s.started)
+                );
+                println!(
+                    "I/O:            {} read, {} written",
+                    human(s.bytes_read),
+                    human(s.bytes_written)
+                );
+            }
+            None => println!(
+                "Details:        unavailable (mounted by another user, or with another SEALFS_STATE_DIR)"
+            ),
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(())
 }
 
 fn cmd_umount(mp: &Path, lazy: bool) -> Result<()> {
@@ -1088,9 +1311,13 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    fn fuse_conf_parsing() {
+        assert!(fuse_conf_allows_other("# x\nuser_allow_other\n"));
+        assert!(fuse_conf_allows_other("  user_allow_other  # yes\n"));
+        assert!(!fuse_conf_allows_other(
+            "#user_allow_other\nmount_max = 1000\n"
+        ));
+        assert!(!fuse_conf_allows_other(""));
     }
 
     #[test]

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+/// `log=syslog` sends a background mount's log to syslog/journald.
+pub const LOG_SYSLOG: &str = "syslog";
+
 /// Parsed mount options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOpts {
@@ -153,6 +156,11 @@ pub fn parse_into(opts: &mut MountOpts, list: &str) -> Result<(), String> {
             "key_file" => opts.key_file = Some(need(v)?.into()),
             "passphrase_file" => opts.passphrase_file = Some(need(v)?.into()),
             "log" => opts.log = Some(need(v)?.into()),
+            "snapshot" => {
+                return Err(format!(
+                    "mount option '{o}': snapshots are not available in this version of sealfs"
+                ))
+            }
             "threads" => opts.threads = num(v, 1, 64)? as usize,
             "cache_size" => opts.cache_mib = num(v, 1, 65536)? as usize,
             "dirty_size" => opts.dirty_mib = num(v, 1, 65536)? as usize,

@@ -698,6 +698,11 @@ impl Volume {
         self.state.lock().seq
     }
 
+    /// The master key (id, version) that wraps the content key.
+    pub fn content_key_id(&self) -> (String, u32) {
+        (self.hdr.vck.key_id.clone(), self.hdr.vck.key_version)
+    }
+
     /// Bytes read and written through the volume since it was opened.
     pub fn io_counters(&self) -> (u64, u64) {
         (

@@ -226,6 +226,18 @@ impl Drop for Mount {
     }
 }
 
+/// Guard for a mount made outside [`Env::mount`] (a background daemon,
+/// mount(8)): unmounts lazily on drop, also when the test panics.
+pub struct BgGuard(pub PathBuf);
+
+impl Drop for BgGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
