@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# sealfs quickstart: install deps, build, and mount a demo encrypted store.
+# sealfs quickstart: install deps, build and install sealfs (as root:
+# scripts/install.sh puts it in /usr/local/bin with the mount(8) helper), and
+# mount a demo encrypted store.
 #
 #   scripts/quickstart.sh
 #
@@ -25,9 +27,15 @@ cd "$ROOT"
 log "Installing system dependencies (scripts/deps.sh)"
 bash scripts/deps.sh
 
-log "Building sealfs (cargo build --release)"
-cargo build --release
-SEALFS="$ROOT/target/release/sealfs"
+if [ "$(id -u)" -eq 0 ]; then
+    log "Installing sealfs (scripts/install.sh: the binary and the mount(8) helper)"
+    bash scripts/install.sh
+    SEALFS="${PREFIX:-/usr/local}/bin/sealfs"
+else
+    log "Building sealfs (cargo build --release; not root, so nothing is installed system-wide)"
+    cargo build --release
+    SEALFS="$ROOT/target/release/sealfs"
+fi
 [ -x "$SEALFS" ] || die "build finished but $SEALFS is missing"
 
 # All sealfs commands below use this keystore and key file.
