@@ -2,6 +2,7 @@
 //! daemonizing. Errors are reported with context here, at the edge.
 
 pub mod helper;
+pub mod key;
 pub mod logging;
 pub mod options;
 pub mod status;
@@ -17,8 +18,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zeroize::Zeroizing;
 
-use crate::kms::{self, KeyManager, Keystore, KeystoreSecret, MasterKey};
+use crate::kms::{self, Keystore, KeystoreSecret};
 use crate::volume::{self, CreateOptions, OpenOptions2, Volume};
+use key::KeyCmd;
 use options::MountOpts;
 use status::unescape_mountinfo;
 
@@ -142,6 +144,19 @@ pub enum Cmd {
         #[arg(short, long)]
         lazy: bool,
     },
+    /// Re-wrap a volume's content key under the newest version of its
+    /// master key, or under another key: O(1), no content is re-encrypted
+    /// (the data key stays the same; use `rekey` for a new one). The
+    /// volume must not be mounted (mount re-wraps to the newest version
+    /// by itself).
+    ///
+    /// Example: sealfs rewrap /srv/photos.store --kms-key alias/photos-2027
+    Rewrap {
+        store: PathBuf,
+        /// Master key to wrap under [default: the current one, newest version]
+        #[arg(long, value_name = "KEY")]
+        kms_key: Option<String>,
+    },
     /// List live sealfs mounts: store, mountpoint, volume, key, mode,
     /// uptime and bytes read/written (stale mounts whose daemon died too)
     ///
@@ -157,43 +172,6 @@ pub enum Cmd {
     Info {
         store: PathBuf,
         /// Machine-readable output
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum KeyCmd {
-    /// Create a master key and print its id
-    ///
-    /// Example: sealfs key create --alias photos --description "family photos"
-    Create {
-        /// Alias (repeatable); "photos" becomes alias/photos
-        #[arg(long)]
-        alias: Vec<String>,
-        /// Free-text description
-        #[arg(long, default_value = "")]
-        description: String,
-    },
-    /// List keys
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Enable a key so it can wrap and unwrap data keys again
-    ///
-    /// Example: sealfs key enable alias/photos
-    Enable { key: String },
-    /// Disable a key: volumes whose content it protects cannot be mounted
-    /// until it is enabled again (service-managed keys cannot be disabled)
-    ///
-    /// Example: sealfs key disable alias/photos
-    Disable { key: String },
-    /// Show one key: id, aliases, state, origin, versions, created
-    ///
-    /// Example: sealfs key describe alias/photos
-    Describe {
-        key: String,
         #[arg(long)]
         json: bool,
     },
@@ -250,7 +228,7 @@ fn run(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.cmd {
         Cmd::Init { generate_key_file } => cmd_init(&g, generate_key_file),
-        Cmd::Key(k) => cmd_key(&g, k),
+        Cmd::Key(k) => key::cmd_key(&g, k),
         Cmd::Create {
             store,
             kms_key,
@@ -272,17 +250,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Umount { mountpoint, lazy } => cmd_umount(&mountpoint, lazy),
         Cmd::Info { store, json } => cmd_info(&g, &store, json),
         Cmd::Status { json } => cmd_status(json),
+        Cmd::Rewrap { store, kms_key } => cmd_rewrap(&g, &store, kms_key.as_deref()),
     }
 }
 
-fn keystore_path(g: &Global) -> PathBuf {
+pub(crate) fn keystore_path(g: &Global) -> PathBuf {
     g.keystore
         .clone()
         .unwrap_or_else(kms::default_keystore_path)
 }
 
 /// Get the keystore secret: key file, passphrase file, or a prompt.
-fn secret(g: &Global, ks_path: &Path, creating: bool) -> Result<KeystoreSecret> {
+pub(crate) fn secret(g: &Global, ks_path: &Path, creating: bool) -> Result<KeystoreSecret> {
     if let Some(kf) = &g.key_file {
         return Ok(KeystoreSecret::from_key_file(kf)?);
     }
@@ -323,7 +302,7 @@ fn secret(g: &Global, ks_path: &Path, creating: bool) -> Result<KeystoreSecret> 
     Ok(KeystoreSecret::Passphrase(Zeroizing::new(p.to_string())))
 }
 
-fn open_keystore(g: &Global, for_update: bool) -> Result<Keystore> {
+pub(crate) fn open_keystore(g: &Global, for_update: bool) -> Result<Keystore> {
     let p = keystore_path(g);
     if !p.exists() {
         return Err(kms::KmsError::NotFound(p).into());
@@ -332,7 +311,7 @@ fn open_keystore(g: &Global, for_update: bool) -> Result<Keystore> {
     Ok(Keystore::open(&p, &s, for_update)?)
 }
 
-fn open_or_create_keystore(g: &Global) -> Result<Keystore> {
+pub(crate) fn open_or_create_keystore(g: &Global) -> Result<Keystore> {
     let p = keystore_path(g);
     let creating = !p.exists();
     let s = secret(g, &p, creating)?;
@@ -376,125 +355,9 @@ fn cmd_init(g: &Global, generate: bool) -> Result<()> {
     Ok(())
 }
 
-fn fmt_time(secs: u64) -> String {
-    // civil-from-days (Howard Hinnant), UTC
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-fn key_json(k: &MasterKey) -> serde_json::Value {
-    serde_json::json!({
-        "id": k.id,
-        "aliases": k.aliases,
-        "description": k.description,
-        "state": format!("{:?}", k.state),
-        "origin": format!("{:?}", k.origin),
-        "manager": format!("{:?}", k.manager),
-        "created": fmt_time(k.created),
-        "current_version": k.current_version(),
-        "versions": k.versions.iter().map(|v| serde_json::json!({"version": v.version, "created": fmt_time(v.created)})).collect::<Vec<_>>(),
-    })
-}
-
-fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
-    match k {
-        KeyCmd::Create { alias, description } => {
-            let mut ks = open_or_create_keystore(g)?;
-            let id = ks.create_key(&alias, &description)?;
-            println!("{id}");
-        }
-        KeyCmd::Enable { key } => {
-            let mut ks = open_keystore(g, true)?;
-            ks.set_state(&key, kms::KeyState::Enabled)?;
-            println!("key {} is Enabled", ks.resolve(&key)?.id);
-        }
-        KeyCmd::Disable { key } => {
-            let mut ks = open_keystore(g, true)?;
-            ks.set_state(&key, kms::KeyState::Disabled)?;
-            println!("key {} is Disabled", ks.resolve(&key)?.id);
-        }
-        KeyCmd::List { json } => {
-            let ks = open_keystore(g, false)?;
-            if json {
-                let v: Vec<_> = ks.keys().iter().map(key_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "{:<36}  {:<8}  {:<8}  {:>3}  {:<20}  ALIASES",
-                    "KEY ID", "STATE", "MANAGER", "VER", "CREATED"
-                );
-                for k in ks.keys() {
-                    println!(
-                        "{:<36}  {:<8}  {:<8}  {:>3}  {:<20}  {}",
-                        k.id,
-                        format!("{:?}", k.state),
-                        if k.manager == KeyManager::Service {
-                            "service"
-                        } else {
-                            "customer"
-                        },
-                        k.current_version(),
-                        fmt_time(k.created),
-                        k.aliases.join(",")
-                    );
-                }
-            }
-        }
-        KeyCmd::Describe { key, json } => {
-            let ks = open_keystore(g, false)?;
-            let k = ks.resolve(&key)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&key_json(k))?);
-            } else {
-                println!("Key id:       {}", k.id);
-                println!(
-                    "Aliases:      {}",
-                    if k.aliases.is_empty() {
-                        "-".into()
-                    } else {
-                        k.aliases.join(", ")
-                    }
-                );
-                println!("Description:  {}", k.description);
-                println!("State:        {:?}", k.state);
-                println!("Origin:       {:?}", k.origin);
-                println!(
-                    "Managed by:   {}",
-                    if k.manager == KeyManager::Service {
-                        "sealfs (service)"
-                    } else {
-                        "customer"
-                    }
-                );
-                println!("Created:      {}", fmt_time(k.created));
-                println!(
-                    "Versions:     {} (current v{})",
-                    k.versions.len(),
-                    k.current_version()
-                );
-                for v in &k.versions {
-                    println!("  v{:<4} created {}", v.version, fmt_time(v.created));
-                }
-            }
-        }
-    }
-    Ok(())
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub(crate) fn fmt_time(secs: u64) -> String {
+    kms::fmt_date(secs)
 }
 
 fn cmd_create(g: &Global, store: &Path, kms_key: Option<String>, chunk_size: u32) -> Result<()> {
@@ -566,6 +429,7 @@ fn cmd_info(g: &Global, store: &Path, json: bool) -> Result<()> {
                 "metadata_key": {"id": i.metadata_key.0, "version": i.metadata_key.1},
                 "content_key": {"id": i.content_key.0, "version": i.content_key.1},
                 "content_key_generation": i.content_gen,
+                "content_unavailable": i.content_unavailable,
                 "chunk_objects": i.chunk_objects,
                 "chunk_bytes": i.chunk_bytes,
                 "metadata_objects": i.meta_objects,
@@ -595,6 +459,9 @@ fn cmd_info(g: &Global, store: &Path, json: bool) -> Result<()> {
         i.content_key.1,
         i.content_gen
     );
+    if let Some(why) = &i.content_unavailable {
+        println!("Content:        UNAVAILABLE: {why}");
+    }
     println!(
         "Chunks:         {} objects, {}",
         i.chunk_objects,
@@ -772,8 +639,7 @@ fn cmd_mount(
         let ks = open_keystore(&g, false)?;
         let vol = open_volume(&store, &ks, &o)?;
         let key = key_label(&ks, &vol.content_key_id().0);
-        drop(ks);
-        return serve(vol, &store, &mountpoint, &o, key, || {});
+        return serve(vol, &store, &mountpoint, &o, key, ks, || {});
     }
     spawn_daemon(&g, &store, &mountpoint, raw_opts)
 }
@@ -796,6 +662,7 @@ fn serve(
     mountpoint: &Path,
     o: &MountOpts,
     key: String,
+    ks: Keystore,
     ready: impl FnOnce(),
 ) -> Result<()> {
     use fuser::MountOption as M;
@@ -834,6 +701,7 @@ fn serve(
     let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
     let mut session = session;
     let mut unmounter = session.unmount_callable();
+    let watcher = KeyWatcher::start(vol.clone(), ks, mountpoint, session.notifier())?;
     // SIGTERM / SIGINT / SIGHUP: unmount cleanly; the session then ends and
     // everything is committed below.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -879,6 +747,7 @@ fn serve(
     );
     ready();
     let r = session.run();
+    drop(watcher);
     sig_handle.close();
     let closed = vol.close();
     drop(publisher);
@@ -890,6 +759,105 @@ fn serve(
     })?;
     closed.map_err(|e| anyhow!("final commit of {} failed: {e}", store.display()))?;
     Ok(())
+}
+
+/// Watches the keystore for the mounted volume's content key: within
+/// about two seconds of the key becoming unusable (disabled, scheduled for
+/// deletion, material deleted, destroyed) file content is revoked; when
+/// it is usable again, content comes back. Each check re-reads the keystore
+/// with the key derived at mount (no passphrase is kept); re-reading is
+/// also the "keystore access" that carries out due deletions.
+struct KeyWatcher {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often a mounted volume re-checks its key.
+const KEY_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+impl KeyWatcher {
+    fn start(
+        vol: Arc<Volume>,
+        ks: Keystore,
+        mountpoint: &Path,
+        notifier: fuser::Notifier,
+    ) -> Result<KeyWatcher> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let mp = mountpoint.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("sealfs-keywatch".into())
+            .spawn(move || {
+                let mut ks = ks;
+                let mut warned = false;
+                loop {
+                    let start = Instant::now();
+                    while start.elapsed() < KEY_CHECK_INTERVAL {
+                        if stop2.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    match ks.reload() {
+                        Ok(n) => {
+                            ks = n;
+                            warned = false;
+                        }
+                        Err(e) => {
+                            if !warned {
+                                log::error!(
+                                    "cannot re-read the keystore to check the content key: {e}; key state changes are not enforced until this works again (remount after a passphrase change)"
+                                );
+                                warned = true;
+                            }
+                            continue;
+                        }
+                    }
+                    let (w, ctx) = vol.wrapped_content_key();
+                    match (ks.usable_for(&w), vol.content_unavailable()) {
+                        (Ok(()), Some(_)) => match ks.unwrap(&w, &ctx) {
+                            Ok(vck) => {
+                                if let Err(e) = vol.restore_content(&vck) {
+                                    log::error!("cannot restore file content: {e}");
+                                }
+                            }
+                            Err(e) => log::error!("cannot unwrap the content key again: {e}"),
+                        },
+                        (Err(e), None) => {
+                            // Push the kernel's dirty pages to us while the
+                            // key is still here, then revoke, then drop the
+                            // kernel's cached plaintext.
+                            if let Ok(d) = std::fs::File::open(&mp) {
+                                let _ = rustix::fs::syncfs(&d);
+                            }
+                            vol.revoke_content(&e.to_string());
+                            for ino in vol.file_inodes() {
+                                let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+                            }
+                        }
+                        (Err(e), Some(old)) if old != e.to_string() => {
+                            vol.revoke_content(&e.to_string())
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .context("cannot start the key watcher thread")?;
+        Ok(KeyWatcher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for KeyWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Mount the volume. As root, sealfs calls mount(2) itself with file-system
@@ -1039,10 +1007,20 @@ fn spawn_daemon(g: &Global, store: &Path, mountpoint: &Path, raw_opts: &[String]
         err
     });
     let stdout = child.stdout.take().expect("piped");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).ok();
-    if line.trim() == "READY" {
-        return Ok(());
+    let mut out = BufReader::new(stdout);
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        match line.trim() {
+            "READY" => return Ok(()),
+            l => {
+                if let Some(w) = l.strip_prefix("WARN ") {
+                    eprintln!("sealfs: warning: {w}");
+                }
+            }
+        }
     }
     let _ = child.wait();
     let err = err_reader.join().unwrap_or_default();
@@ -1082,7 +1060,7 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
     drop(sec);
     let vol = open_volume(store, &ks, o)?;
     let key = key_label(&ks, &vol.content_key_id().0);
-    drop(ks);
+    let unavailable = vol.content_unavailable();
     let _ = rustix::process::setsid();
     // Background daemons log to `log=FILE`, to syslog with `log=syslog`,
     // else to syslog when there is one, else to a file per volume in the
@@ -1124,8 +1102,11 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
         }
         None => None,
     };
-    serve(vol, store, mountpoint, o, key, move || {
+    serve(vol, store, mountpoint, o, key, ks, move || {
         // Report success, then route stdout/stderr to the log (or nowhere).
+        if let Some(why) = &unavailable {
+            println!("WARN mounted with metadata only: {why}");
+        }
         println!("READY");
         let _ = std::io::stdout().flush();
         let target = log_file.or_else(|| {
@@ -1165,6 +1146,40 @@ fn mount_source(mp: &Path) -> Option<(PathBuf, String)> {
         }
     }
     found
+}
+
+fn cmd_rewrap(g: &Global, store: &Path, kms_key: Option<&str>) -> Result<()> {
+    let ks = open_keystore(g, false)?;
+    let start = Instant::now();
+    let (old, new, written) = Volume::rewrap(store, &ks, kms_key)?;
+    let took = start.elapsed();
+    if old == new && written == 0 {
+        println!(
+            "{}: content key already wrapped under {} v{}; nothing to do",
+            store.display(),
+            key_label(&ks, &new.0),
+            new.1
+        );
+    } else {
+        println!(
+            "{}: content key re-wrapped from {} v{} to {} v{}",
+            store.display(),
+            old.0,
+            old.1,
+            key_label(&ks, &new.0),
+            new.1
+        );
+        if old.0 != new.0 {
+            println!(
+                "note: only the wrapping changed; the volume's data key is the same, so copies of the store from before still open with the old key. Use `sealfs rekey` for a new data key."
+            );
+        }
+    }
+    println!(
+        "rewrote the header only: {written} bytes in {:.1} ms",
+        took.as_secs_f64() * 1000.0
+    );
+    Ok(())
 }
 
 fn cmd_status(json: bool) -> Result<()> {

@@ -19,10 +19,12 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, AeadKey, Key32};
 
+pub mod audit;
+
 /// Magic bytes at the start of a keystore file.
 pub const KEYSTORE_MAGIC: &[u8; 8] = b"SEALFSKS";
 /// Current keystore file format version.
-pub const KEYSTORE_FORMAT_VERSION: u16 = 1;
+pub const KEYSTORE_FORMAT_VERSION: u16 = 2;
 /// Length of the fixed keystore header (before the sealed body).
 pub const KEYSTORE_HEADER_LEN: usize = 8 + 2 + 1 + 16 + 12;
 
@@ -70,14 +72,32 @@ pub enum KmsError {
     },
     #[error("no key matches '{0}'; list keys with `sealfs key list`")]
     UnknownKey(String),
+    #[error("'{name}' is ambiguous: it is the id of key {id_match} and an alias of key {alias_match}; use the full id or alias/NAME")]
+    Ambiguous {
+        name: String,
+        id_match: String,
+        alias_match: String,
+    },
+    #[error("key {id} was deleted on {}: its material is destroyed, and what it protected is permanently unreadable (crypto-shredded)", fmt_date(*when))]
+    KeyDeleted { id: String, when: u64 },
+    #[error("key material {path}: {why}")]
+    BadMaterial { path: PathBuf, why: String },
+    #[error("cannot write the audit log: {0}; the operation was not performed")]
+    Audit(#[from] audit::AuditError),
     #[error("alias '{0}' is already in use; choose another name")]
     AliasInUse(String),
     #[error("invalid alias '{0}': use 1-250 characters from A-Z a-z 0-9 / _ - (the name must not start with 'sealfs/', which is reserved)")]
     BadAlias(String),
-    #[error("key {id} is {state:?}; enable it with `sealfs key enable {id}` before using it")]
-    KeyNotUsable { id: String, state: KeyState },
+    #[error("key {id} is {state}: {hint}")]
+    KeyNotUsable {
+        id: String,
+        state: KeyState,
+        hint: String,
+    },
     #[error("key {id} has no version {version}; the wrapped key was made by another keystore")]
     NoSuchVersion { id: String, version: u32 },
+    #[error("the material of key {id} version {version} was deleted; import it again with `sealfs key import {id} --material FILE`")]
+    MaterialDeleted { id: String, version: u32 },
     #[error("cannot unwrap the {purpose} key with key {id} v{version}: the wrapped key or its encryption context was modified, or it belongs to another keystore")]
     UnwrapFailed {
         id: String,
@@ -184,10 +204,23 @@ pub fn generate_key_file(path: &Path) -> Result<()> {
 /// Lifecycle state of a master key (as in AWS KMS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyState {
+    /// Usable for wrapping and unwrapping.
     Enabled,
+    /// Refuses every use until enabled again.
     Disabled,
+    /// External key without (all of) its material: import it.
     PendingImport,
+    /// Scheduled for deletion; refuses every use; can be cancelled.
     PendingDeletion,
+    /// Deleted: its material is destroyed. Kept as a record so that volumes
+    /// it protected can say why their content is gone.
+    Deleted,
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
 }
 
 /// Where the key material came from.
@@ -215,13 +248,54 @@ pub struct KeyVersion {
     pub version: u32,
     #[zeroize(skip)]
     pub created: u64,
-    material: [u8; 32],
+    /// None once deleted (imported material deleted, or key destroyed).
+    material: Option<[u8; 32]>,
+    /// SHA-256 over a label, the key id and the material: lets an import
+    /// check "same material" after the material itself was deleted.
+    #[zeroize(skip)]
+    pub fingerprint: [u8; 32],
 }
 
 impl std::fmt::Debug for KeyVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyVersion(v{}, created {})", self.version, self.created)
+        write!(
+            f,
+            "KeyVersion(v{}, created {}, material {})",
+            self.version,
+            self.created,
+            if self.material.is_some() {
+                "present"
+            } else {
+                "deleted"
+            }
+        )
     }
+}
+
+impl KeyVersion {
+    fn new(key_id: &str, version: u32, created: u64, material: [u8; 32]) -> KeyVersion {
+        KeyVersion {
+            version,
+            created,
+            fingerprint: fingerprint(key_id, &material),
+            material: Some(material),
+        }
+    }
+
+    /// Whether this version's material is present.
+    pub fn has_material(&self) -> bool {
+        self.material.is_some()
+    }
+}
+
+fn fingerprint(key_id: &str, material: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"sealfs-key-fingerprint-v1\0");
+    h.update(key_id.as_bytes());
+    h.update([0]);
+    h.update(material);
+    h.finalize().into()
 }
 
 /// A master key with all of its versions.
@@ -235,6 +309,12 @@ pub struct MasterKey {
     pub manager: KeyManager,
     pub created: u64,
     pub versions: Vec<KeyVersion>,
+    /// Automatic rotation period in days (generated keys only).
+    pub rotation_days: Option<u32>,
+    /// When a PendingDeletion key will be destroyed.
+    pub deletion_date: Option<u64>,
+    /// When the key was destroyed (state Deleted).
+    pub deleted: Option<u64>,
 }
 
 impl MasterKey {
@@ -242,14 +322,183 @@ impl MasterKey {
     pub fn current_version(&self) -> u32 {
         self.versions.last().map(|v| v.version).unwrap_or(0)
     }
+
+    /// The aliases, or the aliases the key had before it was deleted.
+    pub fn label(&self) -> String {
+        if self.aliases.is_empty() {
+            self.id.clone()
+        } else {
+            format!("{} ({})", self.id, self.aliases.join(","))
+        }
+    }
+
+    /// Why the key cannot be used, as the error a user sees.
+    fn unusable(&self) -> KmsError {
+        match self.state {
+            KeyState::Deleted => KmsError::KeyDeleted {
+                id: self.id.clone(),
+                when: self.deleted.unwrap_or(0),
+            },
+            state => KmsError::KeyNotUsable {
+                id: self.id.clone(),
+                state,
+                hint: state_hint(self),
+            },
+        }
+    }
+
+    /// When the newest version was made (the rotation clock).
+    fn last_rotated(&self) -> u64 {
+        self.versions
+            .last()
+            .map(|v| v.created)
+            .unwrap_or(self.created)
+    }
+}
+
+fn state_hint(k: &MasterKey) -> String {
+    match k.state {
+        KeyState::Disabled => format!("enable it with `sealfs key enable {}`", k.id),
+        KeyState::PendingImport => format!(
+            "import its material with `sealfs key import {} --material FILE`",
+            k.id
+        ),
+        KeyState::PendingDeletion => format!(
+            "it will be destroyed on {}; `sealfs key cancel-deletion {}` stops that",
+            fmt_date(k.deletion_date.unwrap_or(0)),
+            k.id
+        ),
+        KeyState::Deleted => "its material is destroyed".into(),
+        KeyState::Enabled => "it is usable".into(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch.
+pub fn fmt_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // civil from days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// The decrypted body of the keystore.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeystoreBody {
     /// Incremented on every change.
     pub revision: u64,
     pub keys: Vec<MasterKey>,
+    /// MAC key of the audit log chain (see [`audit`]).
+    audit_key: [u8; 32],
+    /// The newest audit entry (seq, mac) when the keystore was last saved.
+    audit_head: Option<(u64, [u8; 32])>,
+}
+
+impl Default for KeystoreBody {
+    fn default() -> Self {
+        KeystoreBody {
+            revision: 0,
+            keys: Vec::new(),
+            audit_key: *Key32::random().as_bytes(),
+            audit_head: None,
+        }
+    }
+}
+
+impl Drop for KeystoreBody {
+    fn drop(&mut self) {
+        self.audit_key.zeroize();
+    }
+}
+
+/// Keystore format version 1 (sealfs before key lifecycle): read and
+/// converted on open, never written.
+mod v1 {
+    use serde::{Deserialize, Serialize};
+    use zeroize::{Zeroize, ZeroizeOnDrop};
+
+    #[derive(Serialize, Deserialize)]
+    pub enum KeyState {
+        Enabled,
+        Disabled,
+        PendingImport,
+        PendingDeletion,
+    }
+
+    #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+    pub struct KeyVersion {
+        #[zeroize(skip)]
+        pub version: u32,
+        #[zeroize(skip)]
+        pub created: u64,
+        pub material: [u8; 32],
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct MasterKey {
+        pub id: String,
+        pub aliases: Vec<String>,
+        pub description: String,
+        pub state: KeyState,
+        pub origin: super::KeyOrigin,
+        pub manager: super::KeyManager,
+        pub created: u64,
+        pub versions: Vec<KeyVersion>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct KeystoreBody {
+        pub revision: u64,
+        pub keys: Vec<MasterKey>,
+    }
+}
+
+fn upgrade_v1(old: v1::KeystoreBody) -> KeystoreBody {
+    let keys = old
+        .keys
+        .iter()
+        .map(|k| MasterKey {
+            id: k.id.clone(),
+            aliases: k.aliases.clone(),
+            description: k.description.clone(),
+            state: match k.state {
+                v1::KeyState::Enabled => KeyState::Enabled,
+                v1::KeyState::Disabled => KeyState::Disabled,
+                v1::KeyState::PendingImport => KeyState::PendingImport,
+                v1::KeyState::PendingDeletion => KeyState::PendingDeletion,
+            },
+            origin: k.origin,
+            manager: k.manager,
+            created: k.created,
+            versions: k
+                .versions
+                .iter()
+                .map(|v| KeyVersion::new(&k.id, v.version, v.created, v.material))
+                .collect(),
+            rotation_days: None,
+            deletion_date: None,
+            deleted: None,
+        })
+        .collect();
+    KeystoreBody {
+        revision: old.revision,
+        keys,
+        ..KeystoreBody::default()
+    }
 }
 
 /// A data key wrapped under a master key version.
@@ -313,6 +562,8 @@ pub fn default_keystore_path() -> PathBuf {
 }
 
 struct KdfHeader {
+    /// Format version read from the file (new files: the current one).
+    version: u16,
     kind: u8,
     salt: [u8; 16],
     m_cost: u32,
@@ -321,10 +572,31 @@ struct KdfHeader {
 }
 
 impl KdfHeader {
+    fn new_for(secret: &KeystoreSecret) -> KdfHeader {
+        match secret {
+            KeystoreSecret::Passphrase(_) => KdfHeader {
+                version: KEYSTORE_FORMAT_VERSION,
+                kind: KDF_ARGON2ID,
+                salt: crypto::random_bytes(),
+                m_cost: ARGON2_M_COST_KIB,
+                t_cost: ARGON2_T_COST,
+                p_cost: ARGON2_P_COST,
+            },
+            KeystoreSecret::KeyFile(_) => KdfHeader {
+                version: KEYSTORE_FORMAT_VERSION,
+                kind: KDF_KEYFILE,
+                salt: crypto::random_bytes(),
+                m_cost: 0,
+                t_cost: 0,
+                p_cost: 0,
+            },
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut h = Vec::with_capacity(KEYSTORE_HEADER_LEN);
         h.extend_from_slice(KEYSTORE_MAGIC);
-        h.extend_from_slice(&KEYSTORE_FORMAT_VERSION.to_le_bytes());
+        h.extend_from_slice(&self.version.to_le_bytes());
         h.push(self.kind);
         h.extend_from_slice(&self.salt);
         h.extend_from_slice(&self.m_cost.to_le_bytes());
@@ -342,7 +614,7 @@ impl KdfHeader {
             return Err(corrupt("bad magic or truncated header"));
         }
         let version = u16::from_le_bytes([data[8], data[9]]);
-        if version != KEYSTORE_FORMAT_VERSION {
+        if version != KEYSTORE_FORMAT_VERSION && version != 1 {
             return Err(KmsError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 found: version,
@@ -357,6 +629,7 @@ impl KdfHeader {
         salt.copy_from_slice(&data[11..27]);
         let u = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
         let h = KdfHeader {
+            version,
             kind,
             salt,
             m_cost: u(27),
@@ -421,13 +694,14 @@ impl KdfHeader {
 }
 
 /// An unlocked keystore. Holds the decrypted body in memory; mutations are
-/// written back atomically with [`Keystore::save`].
+/// written back atomically with [`Keystore::save`] and audited.
 pub struct Keystore {
     path: PathBuf,
     kdf: KdfHeader,
     kek: Key32,
     body: KeystoreBody,
     _lock: Option<File>,
+    caller: audit::Caller,
 }
 
 impl std::fmt::Debug for Keystore {
@@ -444,6 +718,13 @@ fn lock_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Path of the previous keystore version kept by every save.
+pub fn backup_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".bak");
+    PathBuf::from(p)
+}
+
 fn take_lock(path: &Path) -> Result<File> {
     let lp = lock_path(path);
     let f = OpenOptions::new()
@@ -456,6 +737,74 @@ fn take_lock(path: &Path) -> Result<File> {
     rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| io_err(&lp)(e.into()))?;
     Ok(f)
+}
+
+/// Environment variable that overrides the keystore clock (seconds since
+/// the epoch), so that tests can pass deletion waiting periods and
+/// rotation periods without waiting days. It only moves time forward for
+/// lifecycle decisions of a keystore the caller can already unlock.
+pub const CLOCK_ENV: &str = "SEALFS_KMS_NOW";
+
+/// The keystore clock: `$SEALFS_KMS_NOW` if set, else the system clock.
+pub fn kms_now() -> u64 {
+    std::env::var(CLOCK_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(now_secs)
+}
+
+/// Deletion waiting period bounds, in days (as AWS KMS).
+pub const PENDING_DAYS_MIN: u32 = 7;
+/// Longest waiting period.
+pub const PENDING_DAYS_MAX: u32 = 30;
+/// Rotation period of the service key, in days.
+pub const SERVICE_ROTATION_DAYS: u32 = 365;
+/// Default automatic rotation period, in days.
+pub const DEFAULT_ROTATION_DAYS: u32 = 365;
+
+/// Read key material from a file: 32 raw bytes or 64 hex characters.
+pub fn read_material(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let bad = |why: String| KmsError::BadMaterial {
+        path: path.to_path_buf(),
+        why,
+    };
+    let data = Zeroizing::new(fs::read(path).map_err(|e| bad(format!("cannot read it ({e})")))?);
+    let mut out = Zeroizing::new([0u8; 32]);
+    if data.len() == 32 {
+        out.copy_from_slice(&data);
+        return Ok(out);
+    }
+    let text = std::str::from_utf8(&data).unwrap_or("").trim();
+    if text.len() == 64 && hex::decode_to_slice(text, &mut out[..]).is_ok() {
+        return Ok(out);
+    }
+    Err(bad(format!(
+        "must hold exactly 32 raw bytes or 64 hex characters, found {} bytes",
+        data.len()
+    )))
+}
+
+/// What the next keystore access has to do by itself (deletions and
+/// rotations that have come due).
+fn due_work(body: &KeystoreBody, now: u64) -> bool {
+    body.keys.iter().any(|k| {
+        (k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now))
+            || rotation_due(k, now)
+    })
+}
+
+fn rotation_due(k: &MasterKey, now: u64) -> bool {
+    k.origin == KeyOrigin::Generated
+        && matches!(k.state, KeyState::Enabled | KeyState::Disabled)
+        && k.rotation_days
+            .is_some_and(|d| now >= k.last_rotated().saturating_add(d as u64 * 86400))
+}
+
+/// An audit record in the making.
+struct Rec<'a> {
+    op: &'a str,
+    key: Option<(&'a str, Option<u32>)>,
+    ctx: Option<&'a EncryptionContext>,
 }
 
 impl Keystore {
@@ -474,38 +823,46 @@ impl Keystore {
         if path.exists() {
             return Err(KmsError::AlreadyExists(path.to_path_buf()));
         }
-        let kdf = match secret {
-            KeystoreSecret::Passphrase(_) => KdfHeader {
-                kind: KDF_ARGON2ID,
-                salt: crypto::random_bytes(),
-                m_cost: ARGON2_M_COST_KIB,
-                t_cost: ARGON2_T_COST,
-                p_cost: ARGON2_P_COST,
-            },
-            KeystoreSecret::KeyFile(_) => KdfHeader {
-                kind: KDF_KEYFILE,
-                salt: crypto::random_bytes(),
-                m_cost: 0,
-                t_cost: 0,
-                p_cost: 0,
-            },
-        };
+        let kdf = KdfHeader::new_for(secret);
         let kek = kdf.derive_kek(path, secret)?;
+        // A stale audit log from an earlier keystore at this path cannot
+        // be verified with the new audit key: set it aside.
+        let alog = audit::log_path(path);
+        if alog.exists() {
+            let mut old = alog.as_os_str().to_owned();
+            old.push(format!(".old-{}", now_secs()));
+            fs::rename(&alog, PathBuf::from(old)).map_err(io_err(&alog))?;
+        }
         let mut ks = Keystore {
             path: path.to_path_buf(),
             kdf,
             kek,
             body: KeystoreBody::default(),
             _lock: Some(lock),
+            caller: audit::Caller::current(),
         };
         ks.ensure_service_keys();
+        let ids: Vec<String> = ks.body.keys.iter().map(|k| k.id.clone()).collect();
+        for id in &ids {
+            ks.record(
+                Rec {
+                    op: "CreateKey",
+                    key: Some((id, Some(1))),
+                    ctx: None,
+                },
+                "ok",
+                Some("service-managed key created with the keystore".into()),
+            )?;
+        }
         ks.save()?;
         Ok(ks)
     }
 
     /// Open and unlock an existing keystore. With `for_update`, an exclusive
     /// lock is held until the keystore is dropped, so that concurrent
-    /// `sealfs key` commands never lose each other's changes.
+    /// `sealfs key` commands never lose each other's changes. Deletions and
+    /// rotations that have come due are carried out first (under the lock),
+    /// and a version 1 keystore is upgraded.
     pub fn open(path: &Path, secret: &KeystoreSecret, for_update: bool) -> Result<Keystore> {
         if !path.exists() {
             return Err(KmsError::NotFound(path.to_path_buf()));
@@ -515,30 +872,157 @@ impl Keystore {
         } else {
             None
         };
-        let data = fs::read(path).map_err(io_err(path))?;
-        let kdf = KdfHeader::decode(path, &data)?;
-        let kek = kdf.derive_kek(path, secret)?;
-        let (header, sealed) = data.split_at(KEYSTORE_HEADER_LEN);
-        let plain = Zeroizing::new(
-            AeadKey::new(&kek)
-                .open(header, sealed)
-                .map_err(|_| KmsError::WrongSecret(path.to_path_buf()))?,
-        );
-        let body: KeystoreBody = postcard::from_bytes(&plain).map_err(|e| KmsError::Corrupt {
-            path: path.to_path_buf(),
-            why: format!("body does not parse: {e}"),
-        })?;
+        let (kdf, kek, body) = Self::read_file(path, secret)?;
         let mut ks = Keystore {
             path: path.to_path_buf(),
             kdf,
             kek,
             body,
             _lock: lock,
+            caller: audit::Caller::current(),
         };
-        if for_update && ks.ensure_service_keys() {
-            ks.save()?;
+        let now = kms_now();
+        let needs_save = ks.kdf.version != KEYSTORE_FORMAT_VERSION || due_work(&ks.body, now);
+        if needs_save || (for_update && ks.needs_service_keys()) {
+            if ks._lock.is_none() {
+                // Re-read under the lock: another process may have done it.
+                let lock = take_lock(path)?;
+                let (kdf, kek, body) = Self::read_file(path, secret)?;
+                ks.kdf = kdf;
+                ks.kek = kek;
+                ks.body = body;
+                ks.housekeeping(now)?;
+                drop(lock);
+            } else {
+                ks.housekeeping(now)?;
+            }
         }
         Ok(ks)
+    }
+
+    fn read_file(path: &Path, secret: &KeystoreSecret) -> Result<(KdfHeader, Key32, KeystoreBody)> {
+        let data = fs::read(path).map_err(io_err(path))?;
+        let kdf = KdfHeader::decode(path, &data)?;
+        let kek = kdf.derive_kek(path, secret)?;
+        let body = Self::decrypt_body(path, &kdf, &kek, &data)?;
+        Ok((kdf, kek, body))
+    }
+
+    fn decrypt_body(
+        path: &Path,
+        kdf: &KdfHeader,
+        kek: &Key32,
+        data: &[u8],
+    ) -> Result<KeystoreBody> {
+        let (header, sealed) = data.split_at(KEYSTORE_HEADER_LEN);
+        let plain = Zeroizing::new(
+            AeadKey::new(kek)
+                .open(header, sealed)
+                .map_err(|_| KmsError::WrongSecret(path.to_path_buf()))?,
+        );
+        let corrupt = |e: postcard::Error| KmsError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("body does not parse: {e}"),
+        };
+        if kdf.version == 1 {
+            Ok(upgrade_v1(postcard::from_bytes(&plain).map_err(corrupt)?))
+        } else {
+            postcard::from_bytes(&plain).map_err(corrupt)
+        }
+    }
+
+    /// Re-read the keystore file with the key already derived (no passphrase
+    /// stretching): what a mount daemon does to watch its key's state. The
+    /// file must still be sealed with the same secret.
+    pub fn reload(&self) -> Result<Keystore> {
+        let data = fs::read(&self.path).map_err(io_err(&self.path))?;
+        let kdf = KdfHeader::decode(&self.path, &data)?;
+        if kdf.salt != self.kdf.salt || kdf.kind != self.kdf.kind {
+            return Err(KmsError::Refused(format!(
+                "keystore {} was re-sealed with another secret since this process unlocked it",
+                self.path.display()
+            )));
+        }
+        let body = Self::decrypt_body(&self.path, &kdf, &self.kek, &data)?;
+        let mut ks = Keystore {
+            path: self.path.clone(),
+            kdf,
+            kek: self.kek.clone(),
+            body,
+            _lock: None,
+            caller: self.caller.clone(),
+        };
+        let now = kms_now();
+        if due_work(&ks.body, now) {
+            let lock = take_lock(&ks.path)?;
+            let data = fs::read(&ks.path).map_err(io_err(&ks.path))?;
+            ks.body = Self::decrypt_body(&ks.path, &ks.kdf, &ks.kek, &data)?;
+            ks.housekeeping(now)?;
+            drop(lock);
+        }
+        Ok(ks)
+    }
+
+    /// Carry out due deletions and rotations, add missing service keys,
+    /// upgrade the format; save if anything changed. Needs the lock.
+    fn housekeeping(&mut self, now: u64) -> Result<()> {
+        let mut changed = self.kdf.version != KEYSTORE_FORMAT_VERSION;
+        self.kdf.version = KEYSTORE_FORMAT_VERSION;
+        changed |= self.ensure_service_keys();
+        let mut events: Vec<(String, &'static str, Option<u32>, String)> = Vec::new();
+        for k in &mut self.body.keys {
+            if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now) {
+                for v in &mut k.versions {
+                    v.material.zeroize();
+                    v.material = None;
+                }
+                k.state = KeyState::Deleted;
+                k.deleted = Some(now);
+                k.rotation_days = None;
+                let aliases = std::mem::take(&mut k.aliases);
+                k.description = if aliases.is_empty() {
+                    k.description.clone()
+                } else {
+                    format!("{} [was {}]", k.description, aliases.join(","))
+                };
+                events.push((
+                    k.id.clone(),
+                    "DestroyKey",
+                    None,
+                    "waiting period over: key material destroyed".into(),
+                ));
+                changed = true;
+            } else if rotation_due(k, now) {
+                let v = k.current_version() + 1;
+                k.versions
+                    .push(KeyVersion::new(&k.id, v, now, *Key32::random().as_bytes()));
+                events.push((
+                    k.id.clone(),
+                    "RotateKey",
+                    Some(v),
+                    format!(
+                        "automatic rotation (every {} days)",
+                        k.rotation_days.unwrap_or(0)
+                    ),
+                ));
+                changed = true;
+            }
+        }
+        for (id, op, v, detail) in events {
+            self.record(
+                Rec {
+                    op,
+                    key: Some((&id, v)),
+                    ctx: None,
+                },
+                "ok",
+                Some(detail),
+            )?;
+        }
+        if changed {
+            self.save()?;
+        }
+        Ok(())
     }
 
     /// Open the keystore, creating it first when it does not exist yet.
@@ -554,80 +1038,109 @@ impl Keystore {
         &self.path
     }
 
+    /// Revision number (incremented by every save).
+    pub fn revision(&self) -> u64 {
+        self.body.revision
+    }
+
+    fn needs_service_keys(&self) -> bool {
+        self.resolve(SERVICE_KEY_ALIAS).is_err() || self.resolve(DEFAULT_CONTENT_KEY_ALIAS).is_err()
+    }
+
     /// Ensure the service-managed keys exist; returns true if it added any.
     fn ensure_service_keys(&mut self) -> bool {
         let mut changed = false;
-        for (alias, desc) in [
+        for (alias, desc, rotation) in [
             (
                 SERVICE_KEY_ALIAS,
                 "sealfs service key: seals volume metadata",
+                Some(SERVICE_ROTATION_DAYS),
             ),
             (
                 DEFAULT_CONTENT_KEY_ALIAS,
                 "sealfs default content key (service managed)",
+                None,
             ),
         ] {
             if self.resolve(alias).is_err() {
-                let now = now_secs();
+                let now = kms_now();
+                let id = new_key_id();
                 self.body.keys.push(MasterKey {
-                    id: new_key_id(),
                     aliases: vec![alias.to_string()],
                     description: desc.to_string(),
                     state: KeyState::Enabled,
                     origin: KeyOrigin::Generated,
                     manager: KeyManager::Service,
                     created: now,
-                    versions: vec![KeyVersion {
-                        version: 1,
-                        created: now,
-                        material: *Key32::random().as_bytes(),
-                    }],
+                    versions: vec![KeyVersion::new(&id, 1, now, *Key32::random().as_bytes())],
+                    id,
+                    rotation_days: rotation,
+                    deletion_date: None,
+                    deleted: None,
                 });
                 changed = true;
+            } else if alias == SERVICE_KEY_ALIAS {
+                // keystores from before lifecycle support
+                let k = self.resolve_mut(alias).expect("resolved");
+                if k.rotation_days.is_none() {
+                    k.rotation_days = Some(SERVICE_ROTATION_DAYS);
+                    changed = true;
+                }
             }
         }
         changed
+    }
+
+    /// Append an audit entry for an operation on this keystore.
+    fn record(&mut self, r: Rec<'_>, result: &str, detail: Option<String>) -> Result<()> {
+        let head = self.append_audit(&r, result, detail)?;
+        self.body.audit_head = Some(head);
+        Ok(())
+    }
+
+    fn append_audit(
+        &self,
+        r: &Rec<'_>,
+        result: &str,
+        detail: Option<String>,
+    ) -> Result<(u64, [u8; 32])> {
+        let e = audit::Entry {
+            seq: 0,
+            time: kms_now(),
+            op: r.op.to_string(),
+            key_id: r.key.map(|k| k.0.to_string()),
+            key_version: r.key.and_then(|k| k.1),
+            volume: r.ctx.and_then(|c| c.get("volume").cloned()),
+            context: r.ctx.cloned(),
+            caller: self.caller.clone(),
+            result: result.to_string(),
+            detail,
+            prev: String::new(),
+        };
+        Ok(audit::append(
+            &audit::log_path(&self.path),
+            &Key32::from_bytes(self.body.audit_key),
+            e,
+        )?)
+    }
+
+    /// Audit a read-only operation (wrap/unwrap/describe): the keystore
+    /// file is not rewritten.
+    fn audit_read(&self, r: Rec<'_>, result: &str, detail: Option<String>) -> Result<()> {
+        self.append_audit(&r, result, detail).map(|_| ())
     }
 
     /// Write the keystore atomically: temp file, fsync, rename, fsync dir.
     /// The previous file is kept as `<path>.bak`.
     pub fn save(&mut self) -> Result<()> {
         self.body.revision += 1;
+        self.kdf.version = KEYSTORE_FORMAT_VERSION;
         let header = self.kdf.encode();
         let plain = Zeroizing::new(postcard::to_stdvec(&self.body).expect("serializable"));
         let sealed = AeadKey::new(&self.kek).seal(&header, &plain);
         let mut out = header;
         out.extend_from_slice(&sealed);
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut tmp_name = self.path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err(&tmp))?;
-            f.write_all(&out).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        if self.path.exists() {
-            let mut bak = self.path.as_os_str().to_owned();
-            bak.push(".bak");
-            let _ = fs::copy(&self.path, PathBuf::from(bak));
-        }
-        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-        Ok(())
+        write_file_atomic(&self.path, &out, true)
     }
 
     /// All keys.
@@ -642,11 +1155,21 @@ impl Keystore {
         } else {
             format!("alias/{name}")
         };
-        self.body
+        let by_id = self.body.keys.iter().find(|k| k.id == name);
+        let by_alias = self
+            .body
             .keys
             .iter()
-            .find(|k| k.id == name || k.aliases.contains(&want_alias))
-            .ok_or_else(|| KmsError::UnknownKey(name.to_string()))
+            .find(|k| k.aliases.contains(&want_alias));
+        match (by_id, by_alias) {
+            (Some(a), Some(b)) if a.id != b.id => Err(KmsError::Ambiguous {
+                name: name.to_string(),
+                id_match: a.id.clone(),
+                alias_match: b.id.clone(),
+            }),
+            (Some(k), _) | (None, Some(k)) => Ok(k),
+            (None, None) => Err(KmsError::UnknownKey(name.to_string())),
+        }
     }
 
     fn resolve_mut(&mut self, name: &str) -> Result<&mut MasterKey> {
@@ -664,79 +1187,648 @@ impl Keystore {
         self.resolve(SERVICE_KEY_ALIAS)
     }
 
-    /// Create a new customer-managed key with generated material.
-    pub fn create_key(&mut self, aliases: &[String], description: &str) -> Result<String> {
+    /// Describe a key (audited as DescribeKey).
+    pub fn describe(&self, name: &str) -> Result<MasterKey> {
+        let k = match self.resolve(name) {
+            Ok(k) => k.clone(),
+            Err(e) => {
+                self.audit_read(
+                    Rec {
+                        op: "DescribeKey",
+                        key: None,
+                        ctx: None,
+                    },
+                    "error",
+                    Some(e.to_string()),
+                )?;
+                return Err(e);
+            }
+        };
+        self.audit_read(
+            Rec {
+                op: "DescribeKey",
+                key: Some((&k.id, None)),
+                ctx: None,
+            },
+            "ok",
+            None,
+        )?;
+        Ok(k)
+    }
+
+    /// List keys (audited as ListKeys).
+    pub fn list(&self) -> Result<Vec<MasterKey>> {
+        self.audit_read(
+            Rec {
+                op: "ListKeys",
+                key: None,
+                ctx: None,
+            },
+            "ok",
+            None,
+        )?;
+        Ok(self.body.keys.clone())
+    }
+
+    fn check_alias(&self, a: &str, pending: &[String]) -> Result<String> {
+        let name = a.strip_prefix("alias/").unwrap_or(a);
+        let ok = !name.is_empty()
+            && name.len() <= 250
+            && !name.starts_with("sealfs/")
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
+        if !ok {
+            return Err(KmsError::BadAlias(a.to_string()));
+        }
+        let fa = format!("alias/{name}");
+        if self.body.keys.iter().any(|k| k.aliases.contains(&fa)) || pending.contains(&fa) {
+            return Err(KmsError::AliasInUse(fa));
+        }
+        Ok(fa)
+    }
+
+    /// Create a new customer-managed key. Generated keys get their material
+    /// now; external ones stay PendingImport until [`Keystore::import`].
+    pub fn create_key_with(
+        &mut self,
+        aliases: &[String],
+        description: &str,
+        origin: KeyOrigin,
+        rotation_days: Option<u32>,
+    ) -> Result<String> {
         let mut full = Vec::new();
         for a in aliases {
-            let name = a.strip_prefix("alias/").unwrap_or(a);
-            let ok = !name.is_empty()
-                && name.len() <= 250
-                && !name.starts_with("sealfs/")
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
-            if !ok {
-                return Err(KmsError::BadAlias(a.clone()));
-            }
-            let fa = format!("alias/{name}");
-            if self.resolve(&fa).is_ok() || full.contains(&fa) {
-                return Err(KmsError::AliasInUse(fa));
-            }
+            let fa = self.check_alias(a, &full)?;
             full.push(fa);
         }
-        let now = now_secs();
+        if let Some(d) = rotation_days {
+            if origin == KeyOrigin::External {
+                return Err(KmsError::Refused(
+                    "imported keys rotate only on demand (`sealfs key rotate KEY --material FILE`); drop --rotation-period".into(),
+                ));
+            }
+            check_rotation_days(d)?;
+        }
+        let now = kms_now();
         let id = new_key_id();
+        let versions = match origin {
+            KeyOrigin::Generated => vec![KeyVersion::new(&id, 1, now, *Key32::random().as_bytes())],
+            KeyOrigin::External => Vec::new(),
+        };
         self.body.keys.push(MasterKey {
             id: id.clone(),
             aliases: full,
             description: description.to_string(),
-            state: KeyState::Enabled,
-            origin: KeyOrigin::Generated,
+            state: match origin {
+                KeyOrigin::Generated => KeyState::Enabled,
+                KeyOrigin::External => KeyState::PendingImport,
+            },
+            origin,
             manager: KeyManager::Customer,
             created: now,
-            versions: vec![KeyVersion {
-                version: 1,
-                created: now,
-                material: *Key32::random().as_bytes(),
-            }],
+            versions,
+            rotation_days,
+            deletion_date: None,
+            deleted: None,
         });
+        self.record(
+            Rec {
+                op: "CreateKey",
+                key: Some((&id, (origin == KeyOrigin::Generated).then_some(1))),
+                ctx: None,
+            },
+            "ok",
+            Some(format!("origin {origin:?}")),
+        )?;
         self.save()?;
         Ok(id)
     }
 
-    /// Set a customer key's state (used by tests and by `key enable/disable`).
-    pub fn set_state(&mut self, name: &str, state: KeyState) -> Result<()> {
-        let k = self.resolve_mut(name)?;
-        if k.manager == KeyManager::Service {
-            return Err(KmsError::Refused(format!(
-                "key {} is managed by sealfs; its state cannot be changed",
-                k.id
-            )));
+    /// Create a generated customer key (no rotation).
+    pub fn create_key(&mut self, aliases: &[String], description: &str) -> Result<String> {
+        self.create_key_with(aliases, description, KeyOrigin::Generated, None)
+    }
+
+    /// Refuse an operation, auditing the denial. Nothing is saved.
+    fn deny<T>(&mut self, op: &str, id: Option<&str>, e: KmsError) -> Result<T> {
+        let id = id.map(str::to_string);
+        self.record(
+            Rec {
+                op,
+                key: id.as_deref().map(|i| (i, None)),
+                ctx: None,
+            },
+            "denied",
+            Some(e.to_string()),
+        )?;
+        Err(e)
+    }
+
+    /// Resolve for a lifecycle operation: unknown keys are audited errors,
+    /// service-managed keys are refused when `customer_only`.
+    fn target(&mut self, op: &str, name: &str, customer_only: bool) -> Result<String> {
+        let k = match self.resolve(name) {
+            Ok(k) => k,
+            Err(e) => {
+                self.record(
+                    Rec {
+                        op,
+                        key: None,
+                        ctx: None,
+                    },
+                    "error",
+                    Some(e.to_string()),
+                )?;
+                return Err(e);
+            }
+        };
+        let id = k.id.clone();
+        if customer_only && k.manager == KeyManager::Service {
+            let e = KmsError::Refused(format!(
+                "key {} ({}) is managed by sealfs: {op} is not allowed on it",
+                k.id,
+                k.aliases.join(",")
+            ));
+            return self.deny(op, Some(&id), e);
         }
-        k.state = state;
+        if k.state == KeyState::Deleted {
+            let e = k.unusable();
+            return self.deny(op, Some(&id), e);
+        }
+        Ok(id)
+    }
+
+    fn commit_change(
+        &mut self,
+        op: &str,
+        id: &str,
+        version: Option<u32>,
+        detail: String,
+    ) -> Result<()> {
+        self.record(
+            Rec {
+                op,
+                key: Some((id, version)),
+                ctx: None,
+            },
+            "ok",
+            Some(detail),
+        )?;
         self.save()
     }
 
-    /// Wrap `data_key` under the newest version of master key `name`.
+    fn get_mut(&mut self, id: &str) -> &mut MasterKey {
+        self.body
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .expect("id from target()")
+    }
+
+    /// `key enable`: Disabled → Enabled (Enabled stays Enabled).
+    pub fn enable(&mut self, name: &str) -> Result<()> {
+        let id = self.target("EnableKey", name, true)?;
+        let k = self.get_mut(&id);
+        match k.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                let was = k.state;
+                k.state = KeyState::Enabled;
+                self.commit_change("EnableKey", &id, None, format!("{was} -> Enabled"))
+            }
+            _ => {
+                let e = k.unusable();
+                self.deny("EnableKey", Some(&id), e)
+            }
+        }
+    }
+
+    /// `key disable`: Enabled → Disabled.
+    pub fn disable(&mut self, name: &str) -> Result<()> {
+        let id = self.target("DisableKey", name, true)?;
+        let k = self.get_mut(&id);
+        match k.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                let was = k.state;
+                k.state = KeyState::Disabled;
+                self.commit_change("DisableKey", &id, None, format!("{was} -> Disabled"))
+            }
+            _ => {
+                let e = k.unusable();
+                self.deny("DisableKey", Some(&id), e)
+            }
+        }
+    }
+
+    /// Set a customer key's state directly (tests; CLI uses enable/disable).
+    pub fn set_state(&mut self, name: &str, state: KeyState) -> Result<()> {
+        match state {
+            KeyState::Enabled => self.enable(name),
+            KeyState::Disabled => self.disable(name),
+            other => Err(KmsError::Refused(format!(
+                "cannot set state {other} directly"
+            ))),
+        }
+    }
+
+    /// `key schedule-deletion`: the key refuses all use now and is destroyed
+    /// after `days` (7–30). Returns the deletion date.
+    pub fn schedule_deletion(&mut self, name: &str, days: u32) -> Result<u64> {
+        let id = self.target("ScheduleKeyDeletion", name, true)?;
+        if !(PENDING_DAYS_MIN..=PENDING_DAYS_MAX).contains(&days) {
+            return self.deny(
+                "ScheduleKeyDeletion",
+                Some(&id),
+                KmsError::Refused(format!(
+                    "--pending-days {days} is out of range: the waiting period is {PENDING_DAYS_MIN} to {PENDING_DAYS_MAX} days"
+                )),
+            );
+        }
+        let k = self.get_mut(&id);
+        if k.state == KeyState::PendingDeletion {
+            let e = KmsError::Refused(format!(
+                "key {id} is already scheduled for deletion on {}",
+                fmt_date(k.deletion_date.unwrap_or(0))
+            ));
+            return self.deny("ScheduleKeyDeletion", Some(&id), e);
+        }
+        let when = kms_now() + days as u64 * 86400;
+        k.state = KeyState::PendingDeletion;
+        k.deletion_date = Some(when);
+        self.commit_change(
+            "ScheduleKeyDeletion",
+            &id,
+            None,
+            format!("destroyed on {} ({days} days)", fmt_date(when)),
+        )?;
+        Ok(when)
+    }
+
+    /// `key cancel-deletion`: PendingDeletion → Disabled (PendingImport for
+    /// an external key without material).
+    pub fn cancel_deletion(&mut self, name: &str) -> Result<()> {
+        let id = self.target("CancelKeyDeletion", name, true)?;
+        let k = self.get_mut(&id);
+        if k.state != KeyState::PendingDeletion {
+            let e = KmsError::Refused(format!(
+                "key {id} is {}, not scheduled for deletion",
+                k.state
+            ));
+            return self.deny("CancelKeyDeletion", Some(&id), e);
+        }
+        let complete = k.versions.last().is_some_and(|v| v.has_material());
+        k.state = if complete {
+            KeyState::Disabled
+        } else {
+            KeyState::PendingImport
+        };
+        k.deletion_date = None;
+        let st = k.state;
+        self.commit_change(
+            "CancelKeyDeletion",
+            &id,
+            None,
+            format!("PendingDeletion -> {st}"),
+        )
+    }
+
+    /// `key import`: give an external key its material, or give back
+    /// deleted material (which must be identical).
+    pub fn import(&mut self, name: &str, material: &[u8; 32]) -> Result<u32> {
+        let id = self.target("ImportKeyMaterial", name, true)?;
+        let k = self.get_mut(&id);
+        if k.origin != KeyOrigin::External {
+            let e = KmsError::Refused(format!(
+                "key {id} was generated by sealfs; only keys created with --origin external take imported material"
+            ));
+            return self.deny("ImportKeyMaterial", Some(&id), e);
+        }
+        if k.state == KeyState::PendingDeletion {
+            let e = k.unusable();
+            return self.deny("ImportKeyMaterial", Some(&id), e);
+        }
+        let fp = fingerprint(&id, material);
+        let version = if k.versions.is_empty() {
+            k.versions
+                .push(KeyVersion::new(&id, 1, kms_now(), *material));
+            1
+        } else if let Some(v) = k
+            .versions
+            .iter_mut()
+            .find(|v| crypto::ct_eq(&v.fingerprint, &fp))
+        {
+            if v.material.is_none() {
+                v.material = Some(*material);
+            }
+            v.version
+        } else {
+            let e = KmsError::Refused(format!(
+                "this material differs from the material key {id} was created with; an imported key accepts only the same material again (new material makes a new version: `sealfs key rotate {id} --material FILE`)"
+            ));
+            return self.deny("ImportKeyMaterial", Some(&id), e);
+        };
+        let complete = k.versions.last().is_some_and(|v| v.has_material());
+        if k.state == KeyState::PendingImport && complete {
+            k.state = KeyState::Enabled;
+        }
+        let st = k.state;
+        self.commit_change(
+            "ImportKeyMaterial",
+            &id,
+            Some(version),
+            format!("material for version {version} imported; key is {st}"),
+        )?;
+        Ok(version)
+    }
+
+    /// `key delete-material`: destroy an external key's material (every
+    /// version); it is PendingImport until the same material is imported.
+    pub fn delete_material(&mut self, name: &str) -> Result<()> {
+        let id = self.target("DeleteImportedKeyMaterial", name, true)?;
+        let k = self.get_mut(&id);
+        if k.origin != KeyOrigin::External {
+            let e = KmsError::Refused(format!(
+                "key {id} was generated by sealfs; only imported material can be deleted (schedule the key's deletion instead)"
+            ));
+            return self.deny("DeleteImportedKeyMaterial", Some(&id), e);
+        }
+        for v in &mut k.versions {
+            v.material.zeroize();
+            v.material = None;
+        }
+        if k.state != KeyState::PendingDeletion {
+            k.state = KeyState::PendingImport;
+        }
+        self.commit_change(
+            "DeleteImportedKeyMaterial",
+            &id,
+            None,
+            "material of every version deleted".into(),
+        )
+    }
+
+    /// `key rotate`: add a new version now. Generated keys get fresh
+    /// material; imported keys need new material. Returns the new version.
+    pub fn rotate(&mut self, name: &str, material: Option<&[u8; 32]>) -> Result<u32> {
+        let id = self.target("RotateKey", name, false)?;
+        let k = self.get_mut(&id);
+        if !matches!(k.state, KeyState::Enabled | KeyState::Disabled) {
+            let e = k.unusable();
+            return self.deny("RotateKey", Some(&id), e);
+        }
+        let v = k.current_version() + 1;
+        let now = kms_now();
+        match (k.origin, material) {
+            (KeyOrigin::Generated, None) => {
+                k.versions
+                    .push(KeyVersion::new(&id, v, now, *Key32::random().as_bytes()));
+            }
+            (KeyOrigin::Generated, Some(_)) => {
+                let e = KmsError::Refused(format!(
+                    "key {id} was generated by sealfs; it rotates to generated material (drop --material)"
+                ));
+                return self.deny("RotateKey", Some(&id), e);
+            }
+            (KeyOrigin::External, None) => {
+                let e = KmsError::Refused(format!(
+                    "key {id} has imported material; rotate it with new material: `sealfs key rotate {id} --material FILE`"
+                ));
+                return self.deny("RotateKey", Some(&id), e);
+            }
+            (KeyOrigin::External, Some(m)) => {
+                let fp = fingerprint(&id, m);
+                if k.versions
+                    .iter()
+                    .any(|x| crypto::ct_eq(&x.fingerprint, &fp))
+                {
+                    let e = KmsError::Refused(format!(
+                        "key {id} already has this material; rotation needs new material"
+                    ));
+                    return self.deny("RotateKey", Some(&id), e);
+                }
+                k.versions.push(KeyVersion::new(&id, v, now, *m));
+            }
+        }
+        self.commit_change("RotateKey", &id, Some(v), "rotated on demand".into())?;
+        Ok(v)
+    }
+
+    /// `key rotation enable|disable`.
+    pub fn set_rotation(&mut self, name: &str, days: Option<u32>) -> Result<()> {
+        let op = if days.is_some() {
+            "EnableKeyRotation"
+        } else {
+            "DisableKeyRotation"
+        };
+        let id = self.target(op, name, true)?;
+        let k = self.get_mut(&id);
+        if k.origin == KeyOrigin::External && days.is_some() {
+            let e = KmsError::Refused(format!(
+                "key {id} has imported material: imported keys rotate only on demand, with new material"
+            ));
+            return self.deny(op, Some(&id), e);
+        }
+        if let Some(d) = days {
+            if let Err(e) = check_rotation_days(d) {
+                return self.deny(op, Some(&id), e);
+            }
+        }
+        let k = self.get_mut(&id);
+        k.rotation_days = days;
+        let detail = match days {
+            Some(d) => format!("rotates every {d} days"),
+            None => "automatic rotation off".into(),
+        };
+        self.commit_change(op, &id, None, detail)
+    }
+
+    /// `key alias create ALIAS KEY`.
+    pub fn alias_create(&mut self, alias: &str, name: &str) -> Result<String> {
+        let id = self.target("CreateAlias", name, true)?;
+        let fa = match self.check_alias(alias, &[]) {
+            Ok(a) => a,
+            Err(e) => return self.deny("CreateAlias", Some(&id), e),
+        };
+        self.get_mut(&id).aliases.push(fa.clone());
+        self.commit_change("CreateAlias", &id, None, fa.clone())?;
+        Ok(fa)
+    }
+
+    /// `key alias delete ALIAS`.
+    pub fn alias_delete(&mut self, alias: &str) -> Result<String> {
+        let fa = if alias.starts_with("alias/") {
+            alias.to_string()
+        } else {
+            format!("alias/{alias}")
+        };
+        let Some(k) = self.body.keys.iter().find(|k| k.aliases.contains(&fa)) else {
+            let e = KmsError::UnknownKey(fa.clone());
+            return self.deny("DeleteAlias", None, e);
+        };
+        let id = k.id.clone();
+        if k.manager == KeyManager::Service {
+            let e = KmsError::Refused(format!(
+                "{fa} names a key managed by sealfs; its aliases cannot change"
+            ));
+            return self.deny("DeleteAlias", Some(&id), e);
+        }
+        self.get_mut(&id).aliases.retain(|a| a != &fa);
+        self.commit_change("DeleteAlias", &id, None, fa)?;
+        Ok(id)
+    }
+
+    /// Re-seal the keystore under another secret (passphrase ↔ key file,
+    /// or a new one of the same kind). Atomic; the old file becomes the
+    /// backup.
+    pub fn change_secret(&mut self, new: &KeystoreSecret) -> Result<()> {
+        let kdf = KdfHeader::new_for(new);
+        let kek = kdf.derive_kek(&self.path, new)?;
+        self.record(
+            Rec {
+                op: "ChangeSecret",
+                key: None,
+                ctx: None,
+            },
+            "ok",
+            Some(format!("keystore re-sealed with a {}", new.kind_name())),
+        )?;
+        self.kdf = kdf;
+        self.kek = kek;
+        self.save()
+    }
+
+    /// Bring back `<path>.bak` (which must open with `secret`); the current
+    /// file becomes the new backup. Returns the restored revision.
+    pub fn restore_backup(path: &Path, secret: &KeystoreSecret) -> Result<u64> {
+        let bak = backup_path(path);
+        if !bak.exists() {
+            return Err(KmsError::Refused(format!(
+                "there is no backup {} to restore",
+                bak.display()
+            )));
+        }
+        let lock = take_lock(path)?;
+        let data = fs::read(&bak).map_err(io_err(&bak))?;
+        let kdf = KdfHeader::decode(&bak, &data)?;
+        let kek = kdf.derive_kek(&bak, secret)?;
+        let body = Self::decrypt_body(&bak, &kdf, &kek, &data).map_err(|e| match e {
+            KmsError::WrongSecret(_) => KmsError::Refused(format!(
+                "the backup {} does not open with this secret (was the passphrase changed since? pass the old one)",
+                bak.display()
+            )),
+            other => other,
+        })?;
+        let revision = body.revision;
+        let mut ks = Keystore {
+            path: path.to_path_buf(),
+            kdf,
+            kek,
+            body,
+            _lock: Some(lock),
+            caller: audit::Caller::current(),
+        };
+        ks.record(
+            Rec {
+                op: "RestoreBackup",
+                key: None,
+                ctx: None,
+            },
+            "ok",
+            Some(format!(
+                "restored revision {revision} from {}",
+                bak.display()
+            )),
+        )?;
+        // Swap: the current file becomes the backup, the backup current.
+        let current = fs::read(path).map_err(io_err(path))?;
+        let header = ks.kdf.encode();
+        let plain = Zeroizing::new(postcard::to_stdvec(&ks.body).expect("serializable"));
+        let sealed = AeadKey::new(&ks.kek).seal(&header, &plain);
+        let mut out = header;
+        out.extend_from_slice(&sealed);
+        write_file_atomic(&bak, &current, false)?;
+        write_file_atomic(path, &out, false)?;
+        Ok(revision)
+    }
+
+    /// Wrap `data_key` under the newest version of master key `name`
+    /// (audited as GenerateDataKey, or `op`).
     pub fn wrap(
         &self,
         name: &str,
         ctx: &EncryptionContext,
         data_key: &Key32,
     ) -> Result<WrappedKey> {
-        let k = self.resolve(name)?;
-        if k.state != KeyState::Enabled {
-            return Err(KmsError::KeyNotUsable {
-                id: k.id.clone(),
-                state: k.state,
-            });
-        }
-        let v = k.versions.last().ok_or_else(|| KmsError::KeyNotUsable {
-            id: k.id.clone(),
-            state: k.state,
-        })?;
-        let mk = Key32::from_bytes(v.material);
+        self.wrap_op("GenerateDataKey", name, ctx, data_key)
+    }
+
+    /// Wrap with an explicit audit operation name (Encrypt, ReEncrypt, ...).
+    pub fn wrap_op(
+        &self,
+        op: &str,
+        name: &str,
+        ctx: &EncryptionContext,
+        data_key: &Key32,
+    ) -> Result<WrappedKey> {
+        let k = match self.resolve(name) {
+            Ok(k) => k,
+            Err(e) => {
+                self.audit_read(
+                    Rec {
+                        op,
+                        key: None,
+                        ctx: Some(ctx),
+                    },
+                    "error",
+                    Some(e.to_string()),
+                )?;
+                return Err(e);
+            }
+        };
+        let v = k.versions.last().filter(|v| v.has_material());
+        let (v, material) = match (k.state, v) {
+            (KeyState::Enabled, Some(v)) => (v, v.material.expect("checked")),
+            (KeyState::Enabled, None) => {
+                let e = KmsError::MaterialDeleted {
+                    id: k.id.clone(),
+                    version: k.current_version(),
+                };
+                self.audit_read(
+                    Rec {
+                        op,
+                        key: Some((&k.id, None)),
+                        ctx: Some(ctx),
+                    },
+                    "denied",
+                    Some(e.to_string()),
+                )?;
+                return Err(e);
+            }
+            _ => {
+                let e = k.unusable();
+                self.audit_read(
+                    Rec {
+                        op,
+                        key: Some((&k.id, None)),
+                        ctx: Some(ctx),
+                    },
+                    "denied",
+                    Some(e.to_string()),
+                )?;
+                return Err(e);
+            }
+        };
+        let mk = Key32::from_bytes(material);
         let sealed = AeadKey::new(&mk).seal(&wrap_ad(&k.id, v.version, ctx), data_key.as_bytes());
+        self.audit_read(
+            Rec {
+                op,
+                key: Some((&k.id, Some(v.version))),
+                ctx: Some(ctx),
+            },
+            "ok",
+            None,
+        )?;
         Ok(WrappedKey {
             key_id: k.id.clone(),
             key_version: v.version,
@@ -744,8 +1836,26 @@ impl Keystore {
         })
     }
 
-    /// Unwrap a data key; the encryption context must match the one used to wrap.
-    pub fn unwrap(&self, w: &WrappedKey, ctx: &EncryptionContext) -> Result<Key32> {
+    /// The key `name` if it can wrap now (Enabled, newest material
+    /// present), else the error a wrap would give.
+    pub fn check_usable(&self, name: &str) -> Result<&MasterKey> {
+        let k = self.resolve(name)?;
+        if k.state != KeyState::Enabled {
+            return Err(k.unusable());
+        }
+        if !k.versions.last().is_some_and(|v| v.has_material()) {
+            return Err(KmsError::MaterialDeleted {
+                id: k.id.clone(),
+                version: k.current_version(),
+            });
+        }
+        Ok(k)
+    }
+
+    /// Check whether `w` could be unwrapped now, without doing it or
+    /// auditing: Ok, or the error a real unwrap would give. Used by mount
+    /// daemons that poll their key's state.
+    pub fn usable_for(&self, w: &WrappedKey) -> Result<()> {
         let k = self
             .body
             .keys
@@ -753,35 +1863,131 @@ impl Keystore {
             .find(|k| k.id == w.key_id)
             .ok_or_else(|| KmsError::UnknownKey(w.key_id.clone()))?;
         if k.state != KeyState::Enabled {
-            return Err(KmsError::KeyNotUsable {
-                id: k.id.clone(),
-                state: k.state,
-            });
+            return Err(k.unusable());
         }
+        match k.versions.iter().find(|v| v.version == w.key_version) {
+            None => Err(KmsError::NoSuchVersion {
+                id: k.id.clone(),
+                version: w.key_version,
+            }),
+            Some(v) if !v.has_material() => Err(KmsError::MaterialDeleted {
+                id: k.id.clone(),
+                version: v.version,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Unwrap a data key (audited as Decrypt); the encryption context must
+    /// match the one used to wrap.
+    pub fn unwrap(&self, w: &WrappedKey, ctx: &EncryptionContext) -> Result<Key32> {
+        let r = self.unwrap_inner(w, ctx);
+        let (result, detail) = match &r {
+            Ok(_) => ("ok", None),
+            Err(
+                e @ (KmsError::KeyNotUsable { .. }
+                | KmsError::KeyDeleted { .. }
+                | KmsError::MaterialDeleted { .. }),
+            ) => ("denied", Some(e.to_string())),
+            Err(e) => ("error", Some(e.to_string())),
+        };
+        self.audit_read(
+            Rec {
+                op: "Decrypt",
+                key: Some((&w.key_id, Some(w.key_version))),
+                ctx: Some(ctx),
+            },
+            result,
+            detail,
+        )?;
+        r
+    }
+
+    fn unwrap_inner(&self, w: &WrappedKey, ctx: &EncryptionContext) -> Result<Key32> {
+        self.usable_for(w)?;
+        let k = self
+            .body
+            .keys
+            .iter()
+            .find(|k| k.id == w.key_id)
+            .expect("checked");
         let v = k
             .versions
             .iter()
             .find(|v| v.version == w.key_version)
-            .ok_or_else(|| KmsError::NoSuchVersion {
-                id: k.id.clone(),
-                version: w.key_version,
-            })?;
-        let mk = Key32::from_bytes(v.material);
-        let plain = Zeroizing::new(
-            AeadKey::new(&mk)
-                .open(&wrap_ad(&k.id, v.version, ctx), &w.sealed)
-                .map_err(|_| KmsError::UnwrapFailed {
-                    id: k.id.clone(),
-                    version: v.version,
-                    purpose: ctx.get("purpose").cloned().unwrap_or_default(),
-                })?,
-        );
-        Key32::from_slice(&plain).ok_or_else(|| KmsError::UnwrapFailed {
+            .expect("checked");
+        let mk = Key32::from_bytes(v.material.expect("checked"));
+        let fail = || KmsError::UnwrapFailed {
             id: k.id.clone(),
             version: v.version,
             purpose: ctx.get("purpose").cloned().unwrap_or_default(),
-        })
+        };
+        let plain = Zeroizing::new(
+            AeadKey::new(&mk)
+                .open(&wrap_ad(&k.id, v.version, ctx), &w.sealed)
+                .map_err(|_| fail())?,
+        );
+        Key32::from_slice(&plain).ok_or_else(fail)
     }
+
+    /// Verify the audit log against this keystore's audit key.
+    pub fn verify_audit(&self) -> std::result::Result<u64, String> {
+        audit::verify(
+            &audit::log_path(&self.path),
+            &Key32::from_bytes(self.body.audit_key),
+            self.body.audit_head,
+        )
+    }
+}
+
+fn check_rotation_days(d: u32) -> Result<()> {
+    if (1..=3650).contains(&d) {
+        Ok(())
+    } else {
+        Err(KmsError::Refused(format!(
+            "rotation period {d} is out of range: use 1 to 3650 days"
+        )))
+    }
+}
+
+/// Write `data` to `path` atomically (temp file, fsync, rename, fsync the
+/// directory), mode 0600; with `keep_backup`, copy the old file to
+/// `<path>.bak` first.
+fn write_file_atomic(path: &Path, data: &[u8], keep_backup: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(data).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    if keep_backup && path.exists() {
+        let bak = backup_path(path);
+        let mut bak_tmp = bak.as_os_str().to_owned();
+        bak_tmp.push(".tmp");
+        let bak_tmp = PathBuf::from(bak_tmp);
+        fs::copy(path, &bak_tmp)
+            .and_then(|_| File::open(&bak_tmp)?.sync_all())
+            .and_then(|_| fs::rename(&bak_tmp, &bak))
+            .map_err(io_err(&bak))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(())
 }
 
 /// Read the whole file (helper for tests).

@@ -23,10 +23,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use lru::LruCache;
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::crypto::{self, AeadKey, Key32};
-use crate::kms::{self, KeyState, Keystore, KmsError};
+use crate::kms::{self, Keystore, KmsError};
 use crate::store::{self, Kind, LocalDirStore, ObjectStore};
 use format::*;
 pub use format::{FileKind, Timespec};
@@ -69,6 +69,8 @@ impl FsError {
     pub const ROFS: FsError = FsError(libc::EROFS);
     pub const PERM: FsError = FsError(libc::EPERM);
     pub const NOTSUP: FsError = FsError(libc::EOPNOTSUPP);
+    /// File content while the volume's content key is revoked or destroyed.
+    pub const ACCES: FsError = FsError(libc::EACCES);
     pub const NXIO: FsError = FsError(libc::ENXIO);
     pub const FBIG: FsError = FsError(libc::EFBIG);
     pub const TOOBIG: FsError = FsError(libc::E2BIG);
@@ -256,6 +258,8 @@ pub struct VolumeInfo {
     pub format_version: u16,
     pub metadata_key: (String, u32),
     pub content_key: (String, u32),
+    /// Why file content cannot be decrypted now (key state), if it cannot.
+    pub content_unavailable: Option<String>,
     pub content_gen: u32,
     pub chunk_objects: u64,
     pub chunk_bytes: u64,
@@ -288,7 +292,13 @@ pub struct Volume {
     store: Box<dyn ObjectStore>,
     hdr: HeaderBody,
     meta_key: AeadKey,
-    content_key: AeadKey,
+    /// The content key; None while revoked (key disabled, scheduled for
+    /// deletion, material deleted) or destroyed.
+    content_key: Mutex<Option<Arc<AeadKey>>>,
+    /// Held (read) by every content operation; revocation takes it (write)
+    /// so that no content operation is half-done when the key goes.
+    /// The value: why content is unavailable (None: it is available).
+    content_gate: RwLock<Option<String>>,
     state: Mutex<State>,
     /// Signalled whenever in-flight chunk flushes finish.
     flush_cv: Condvar,
@@ -362,9 +372,19 @@ fn derive_keys(vmk: &Key32, vck: &Key32) -> (AeadKey, Key32, AeadKey) {
     )
 }
 
+/// A master key id and version.
+pub type KeyRef = (String, u32);
+
+/// What unwrapping a volume's content key gave.
+type ContentKeyResult = Result<Key32, KmsError>;
+
 /// Read and authenticate a store header with the keystore; returns the
-/// header and the unwrapped (VMK, VCK).
-fn read_header(root: &Path, ks: &Keystore) -> Result<(HeaderBody, Key32, Key32), OpenError> {
+/// header, the unwrapped VMK and the result of unwrapping the VCK (which
+/// can fail on its own: the header is authenticated with the VMK alone).
+fn read_header(
+    root: &Path,
+    ks: &Keystore,
+) -> Result<(HeaderBody, Key32, ContentKeyResult), OpenError> {
     let hp = root.join(HEADER_FILE);
     let data = match fs::read(&hp) {
         Ok(d) => d,
@@ -398,8 +418,49 @@ fn read_header(root: &Path, ks: &Keystore) -> Result<(HeaderBody, Key32, Key32),
             path: root.to_path_buf(),
         });
     }
-    let vck = ks.unwrap(&hdr.vck, &kms::volume_context(&vid, "content"))?;
+    let vck = ks.unwrap(&hdr.vck, &kms::volume_context(&vid, "content"));
     Ok((hdr, vmk, vck))
+}
+
+/// Re-wrap the volume keys under the newest versions of their master keys
+/// (the content key under `content_key`, or its current master key) and
+/// rewrite the header atomically. O(1): no content is touched.
+fn rewrap_header(
+    root: &Path,
+    ks: &Keystore,
+    hdr: &HeaderBody,
+    vmk: &Key32,
+    vck: &Key32,
+    content_key: Option<&str>,
+) -> Result<HeaderBody, OpenError> {
+    let vid = volume_id_hex(&hdr.store_id);
+    let mut new = hdr.clone();
+    let svc = ks.service_key()?;
+    if svc.current_version() != hdr.vmk.key_version || svc.id != hdr.vmk.key_id {
+        let id = svc.id.clone();
+        new.vmk = ks.wrap_op(
+            "ReEncrypt",
+            &id,
+            &kms::volume_context(&vid, "metadata"),
+            vmk,
+        )?;
+    }
+    let target = content_key.unwrap_or(&hdr.vck.key_id).to_string();
+    let k = ks.check_usable(&target)?;
+    if k.id != hdr.vck.key_id || k.current_version() != hdr.vck.key_version {
+        new.vck = ks.wrap_op(
+            "ReEncrypt",
+            &target,
+            &kms::volume_context(&vid, "content"),
+            vck,
+        )?;
+    }
+    if new != *hdr {
+        let mac_key = vmk.derive(LABEL_HEADER_MAC);
+        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
+            .map_err(io_at(root))?;
+    }
+    Ok(new)
 }
 
 impl Volume {
@@ -409,14 +470,7 @@ impl Volume {
             return Err(OpenError::BadChunkSize(opts.chunk_size));
         }
         // Resolve keys before touching the disk.
-        let content_key = ks.resolve(&opts.kms_key)?.clone();
-        if content_key.state != KeyState::Enabled {
-            return Err(KmsError::KeyNotUsable {
-                id: content_key.id,
-                state: content_key.state,
-            }
-            .into());
-        }
+        ks.check_usable(&opts.kms_key)?;
         let created_dir = match fs::read_dir(root) {
             Ok(mut rd) => {
                 if rd.next().is_some() {
@@ -492,9 +546,41 @@ impl Volume {
         Ok(vid)
     }
 
+    /// `sealfs rewrap`: re-wrap the content key under the newest version of
+    /// its master key, or under `kms_key`, and the metadata key under the
+    /// newest service key version. Rewrites only the header (O(1)); the
+    /// store must not be mounted. Returns (old, new) wrapping key and
+    /// version, and the bytes written.
+    pub fn rewrap(
+        root: &Path,
+        ks: &Keystore,
+        kms_key: Option<&str>,
+    ) -> Result<(KeyRef, KeyRef, u64), OpenError> {
+        if !root.join(HEADER_FILE).exists() {
+            return Err(OpenError::NotAStore(root.to_path_buf()));
+        }
+        let _lock = lock_store(root)?;
+        let (hdr, vmk, vck) = read_header(root, ks)?;
+        let vck = vck?;
+        let new = rewrap_header(root, ks, &hdr, &vmk, &vck, kms_key)?;
+        let written = if new != hdr {
+            fs::metadata(root.join(HEADER_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        Ok((
+            (hdr.vck.key_id.clone(), hdr.vck.key_version),
+            (new.vck.key_id.clone(), new.vck.key_version),
+            written,
+        ))
+    }
+
     /// Describe a store (needs the keystore to authenticate the header).
     pub fn info(root: &Path, ks: &Keystore) -> Result<VolumeInfo, OpenError> {
-        let (hdr, _vmk, _vck) = read_header(root, ks)?;
+        let (hdr, _vmk, vck) = read_header(root, ks)?;
+        let content_unavailable = vck.err().map(|e| e.to_string());
         let store = LocalDirStore::open(root).map_err(io_at(root))?;
         let (chunk_bytes, chunk_objects) = store.usage(Kind::Chunk).map_err(io_at(root))?;
         let (meta_bytes, meta_objects) = store.usage(Kind::Meta).map_err(io_at(root))?;
@@ -507,6 +593,7 @@ impl Volume {
             metadata_key: (hdr.vmk.key_id.clone(), hdr.vmk.key_version),
             content_key: (hdr.vck.key_id.clone(), hdr.vck.key_version),
             content_gen: hdr.content_gen,
+            content_unavailable,
             chunk_objects,
             chunk_bytes,
             meta_objects,
@@ -521,9 +608,28 @@ impl Volume {
             return Err(OpenError::NotAStore(root.to_path_buf()));
         }
         let lock = lock_store(root)?;
-        let (hdr, vmk, vck) = read_header(root, ks)?;
-        let (meta_key, _mac, content_key) = derive_keys(&vmk, &vck);
-        drop((vmk, vck));
+        let (mut hdr, vmk, vck) = read_header(root, ks)?;
+        let (content_key, unavailable) = match vck {
+            Ok(vck) => {
+                if !opts.read_only {
+                    // Mount re-wraps under the newest key versions.
+                    hdr = rewrap_header(root, ks, &hdr, &vmk, &vck, None)?;
+                }
+                (
+                    Some(Arc::new(AeadKey::new(&vck.derive(LABEL_CONTENT)))),
+                    None,
+                )
+            }
+            // A destroyed key: the metadata still opens (ls, stat work);
+            // file content is gone for good.
+            Err(e @ KmsError::KeyDeleted { .. }) => {
+                log::warn!("{}: {e}; only metadata is available", root.display());
+                (None, Some(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let meta_key = AeadKey::new(&vmk.derive(LABEL_META));
+        drop(vmk);
         let store = LocalDirStore::open(root).map_err(|e| OpenError::Metadata {
             path: root.to_path_buf(),
             why: e.to_string(),
@@ -554,7 +660,7 @@ impl Volume {
         let mut st = State::new();
         st.next_ino = ckpt.next_ino;
         for (ino, rec) in ckpt.inodes {
-            let inode = Inode::from_record(ino, rec, &content_key, &hdr.store_id)
+            let inode = Inode::from_record(ino, rec, content_key.as_deref(), &hdr.store_id)
                 .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
             st.inodes.insert(ino, inode);
         }
@@ -573,7 +679,7 @@ impl Volume {
             let (body, t) = open_journal(&meta_key, &hdr.store_id, j, &tag, &data)
                 .map_err(|e| meta_err(e.to_string()))?;
             for (ino, rec) in body.upserts {
-                let inode = Inode::from_record(ino, rec, &content_key, &hdr.store_id)
+                let inode = Inode::from_record(ino, rec, content_key.as_deref(), &hdr.store_id)
                     .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
                 st.inodes.insert(ino, inode);
             }
@@ -615,7 +721,8 @@ impl Volume {
             root: root.to_path_buf(),
             store: Box::new(store),
             meta_key,
-            content_key,
+            content_key: Mutex::new(content_key),
+            content_gate: RwLock::new(unavailable),
             state: Mutex::new(st),
             flush_cv: Condvar::new(),
             commit_lock: Mutex::new(()),
@@ -701,6 +808,123 @@ impl Volume {
     /// The master key (id, version) that wraps the content key.
     pub fn content_key_id(&self) -> (String, u32) {
         (self.hdr.vck.key_id.clone(), self.hdr.vck.key_version)
+    }
+
+    /// Proceed with a content operation (holding the returned guard), or
+    /// EACCES while the content key is revoked or destroyed.
+    fn content_guard(&self) -> FsResult<parking_lot::RwLockReadGuard<'_, Option<String>>> {
+        // Fair: a waiting revocation blocks new operations (content
+        // operations never take this twice on one thread).
+        let g = self.content_gate.read();
+        if g.is_some() {
+            return Err(FsError::ACCES);
+        }
+        Ok(g)
+    }
+
+    /// Why file content is unavailable (None: it is available).
+    pub fn content_unavailable(&self) -> Option<String> {
+        self.content_gate.read_recursive().clone()
+    }
+
+    /// The wrapped content key and the encryption context it is bound to
+    /// (for a daemon that watches its key's state).
+    pub fn wrapped_content_key(&self) -> (kms::WrappedKey, kms::EncryptionContext) {
+        (
+            self.hdr.vck.clone(),
+            kms::volume_context(&self.id(), "content"),
+        )
+    }
+
+    /// Revoke access to file content (the master key was disabled, scheduled
+    /// for deletion, lost its material or was destroyed): content
+    /// operations fail with EACCES from now on, data written before is
+    /// committed while the key is still here, inline content is sealed
+    /// again, and the content key and decrypted chunks are dropped from
+    /// memory. Metadata stays available.
+    pub fn revoke_content(&self, why: &str) {
+        {
+            // Waits for content operations in progress; new ones fail.
+            let mut g = self.content_gate.write();
+            let first = g.is_none();
+            *g = Some(why.to_string());
+            if !first {
+                return;
+            }
+        }
+        log::warn!("{}: file content revoked: {why}", self.root.display());
+        if !self.read_only {
+            if let Err(e) = self.commit(false) {
+                log::error!(
+                    "{}: committing before revocation failed ({e:?}); unwritten data stays in memory until the key is back",
+                    self.root.display()
+                );
+            }
+        }
+        let mut st = self.state.lock();
+        if let Some(key) = self.content_key.lock().take() {
+            let sid = self.hdr.store_id;
+            for (ino, inode) in st.inodes.iter_mut() {
+                if let InodeData::File(fd) = &mut inode.data {
+                    if let Some(mut v) = fd.inline.take() {
+                        fd.sealed_inline = Some(seal_inline(&key, &sid, *ino, &v));
+                        zeroize::Zeroize::zeroize(&mut v);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.cache.lock().clear();
+    }
+
+    /// Give file content back after a revocation, with the content key
+    /// unwrapped again (`vck`).
+    pub fn restore_content(&self, vck: &Key32) -> Result<(), String> {
+        let key = Arc::new(AeadKey::new(&vck.derive(LABEL_CONTENT)));
+        let mut g = self.content_gate.write();
+        if g.is_none() {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        let sid = self.hdr.store_id;
+        let mut opened = Vec::new();
+        for (ino, inode) in st.inodes.iter() {
+            if let InodeData::File(FileData {
+                sealed_inline: Some(sealed),
+                ..
+            }) = &inode.data
+            {
+                let v = open_inline(&key, &sid, *ino, sealed)
+                    .map_err(|e| format!("inode {ino}: {e}"))?;
+                opened.push((*ino, v));
+            }
+        }
+        for (ino, v) in opened {
+            if let Some(Inode {
+                data: InodeData::File(fd),
+                ..
+            }) = st.inodes.get_mut(&ino)
+            {
+                fd.inline = Some(v);
+                fd.sealed_inline = None;
+            }
+        }
+        *self.content_key.lock() = Some(key);
+        *g = None;
+        drop(st);
+        log::warn!("{}: file content available again", self.root.display());
+        Ok(())
+    }
+
+    /// Inode numbers of all regular files (to drop the kernel's cached
+    /// pages of each after a revocation).
+    pub fn file_inodes(&self) -> Vec<u64> {
+        let st = self.state.lock();
+        st.inodes
+            .iter()
+            .filter(|(_, i)| i.kind == FileKind::File)
+            .map(|(&n, _)| n)
+            .collect()
     }
 
     /// Bytes read and written through the volume since it was opened.
@@ -791,12 +1015,13 @@ impl Volume {
         let seq = st.seq + 1;
         let prev = st.last_tag;
         let sid = self.hdr.store_id;
+        let ckey = self.content_key.lock().clone();
         let (obj, name, is_ckpt) = if due {
             let inodes = st
                 .inodes
                 .iter()
                 .filter(|(_, i)| i.persistent())
-                .map(|(&n, i)| (n, i.to_record(n, &self.content_key, &sid)))
+                .map(|(&n, i)| (n, i.to_record(n, ckey.as_deref(), &sid)))
                 .collect();
             let body = CheckpointBody {
                 next_ino: st.next_ino,
@@ -810,7 +1035,7 @@ impl Volume {
             for ino in &dirty {
                 match st.inodes.get(ino) {
                     Some(i) if i.persistent() => {
-                        upserts.push((*ino, i.to_record(*ino, &self.content_key, &sid)))
+                        upserts.push((*ino, i.to_record(*ino, ckey.as_deref(), &sid)))
                     }
                     _ => deletes.push(*ino),
                 }
@@ -911,8 +1136,9 @@ impl Volume {
             log::error!("chunk {} is unreadable: {e}", r.name());
             FsError::IO
         })?;
+        let key = self.content_key.lock().clone().ok_or(FsError::ACCES)?;
         let plain = open_chunk(
-            &self.content_key,
+            &key,
             &self.hdr.store_id,
             &r.id,
             self.hdr.content_gen,
@@ -950,14 +1176,13 @@ impl Volume {
                 remaining.insert(idx, buf);
                 continue;
             }
+            let Some(key) = self.content_key.lock().clone() else {
+                result = Err(FsError::ACCES);
+                remaining.insert(idx, buf);
+                continue;
+            };
             let id: [u8; 16] = crypto::random_bytes();
-            let obj = seal_chunk(
-                &self.content_key,
-                &self.hdr.store_id,
-                &id,
-                self.hdr.content_gen,
-                &buf,
-            );
+            let obj = seal_chunk(&key, &self.hdr.store_id, &id, self.hdr.content_gen, &buf);
             if let Err(e) = self.store.put(Kind::Chunk, &hex::encode(id), &obj, false) {
                 log::error!("writing a chunk to {} failed: {e}", self.root.display());
                 result = Err(FsError::from(e));
@@ -1048,10 +1273,18 @@ impl Volume {
             return st;
         }
         drop(st);
+        let key = self.content_key.lock().clone();
         let work = |jobs: &mut [FlushJob]| {
             for j in jobs {
+                let Some(key) = key.as_deref() else {
+                    j.result = Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the content key is not available",
+                    ));
+                    continue;
+                };
                 let obj = seal_chunk(
-                    &self.content_key,
+                    key,
                     &self.hdr.store_id,
                     &j.id,
                     self.hdr.content_gen,
@@ -1160,6 +1393,10 @@ impl Volume {
     /// Change attributes (chmod, chown, truncate, utimensat).
     pub fn setattr(&self, ino: u64, s: &SetAttr) -> FsResult<Attr> {
         self.check_writable()?;
+        let _content = match s.size {
+            Some(_) => Some(self.content_guard()?),
+            None => None,
+        };
         let mut st = self.state.lock();
         let now = Timespec::now();
         if let Some(size) = s.size {
@@ -1296,6 +1533,11 @@ impl Volume {
         if kind == FileKind::Dir || kind == FileKind::Symlink {
             return Err(FsError::INVAL);
         }
+        // A regular file has (empty) content: it needs the content key.
+        let _content = match kind {
+            FileKind::File => Some(self.content_guard()?),
+            _ => None,
+        };
         self.new_child(parent, name, |_ino, p, now| {
             let gid = if p.perm & 0o2000 != 0 { p.gid } else { gid };
             Inode::new(kind, (perm & 0o7777) as u16, uid, gid, rdev, now)
@@ -1589,6 +1831,7 @@ impl Volume {
 
     /// Read up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        let _content = self.content_guard()?;
         for attempt in 0..3 {
             match self.read_once(ino, off, size) {
                 Err(FsError::IO) if attempt < 2 => continue,
@@ -1762,6 +2005,7 @@ impl Volume {
     /// Write `data` at `off`; returns the bytes written.
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> FsResult<usize> {
         self.check_writable()?;
+        let _content = self.content_guard()?;
         if data.is_empty() {
             return Ok(0);
         }
@@ -1948,6 +2192,7 @@ impl Volume {
     /// are supported.
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
         self.check_writable()?;
+        let _content = self.content_guard()?;
         let end = off.checked_add(len).ok_or(FsError::FBIG)?;
         if len == 0 {
             return Err(FsError::INVAL);

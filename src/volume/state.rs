@@ -13,6 +13,10 @@ use crate::crypto::{AeadKey, TAG_LEN};
 pub(crate) struct FileData {
     /// Whole content when the file is small (len == size).
     pub inline: Option<Vec<u8>>,
+    /// Inline content kept sealed (as in its record) because the content
+    /// key is not available: revoked on a live mount, or destroyed.
+    /// When set, `inline` is None and there are no chunks.
+    pub sealed_inline: Option<Vec<u8>>,
     /// Chunks written to the store.
     pub chunks: BTreeMap<u64, ChunkRef>,
     /// Modified chunks not yet written (plaintext).
@@ -109,6 +113,7 @@ impl Inode {
         let stored: u64 = match &self.data {
             InodeData::File(fd) => match &fd.inline {
                 Some(v) => v.len() as u64,
+                None if fd.sealed_inline.is_some() => self.size,
                 None => {
                     let mut n: u64 = fd.chunks.values().map(|c| c.len as u64).sum();
                     let pending = fd.dirty.iter().map(|(k, b)| (k, b.len())).chain(
@@ -165,17 +170,33 @@ impl Inode {
         })
     }
 
-    /// The persisted form. Dirty chunks must have been flushed.
-    pub fn to_record(&self, ino: u64, content_key: &AeadKey, store_id: &[u8; 16]) -> InodeRecord {
+    /// The persisted form. Dirty chunks must have been flushed. Plaintext
+    /// inline content needs the content key; while it is unavailable all
+    /// inline content is held sealed (see [`FileData::sealed_inline`]).
+    pub fn to_record(
+        &self,
+        ino: u64,
+        content_key: Option<&AeadKey>,
+        store_id: &[u8; 16],
+    ) -> InodeRecord {
         let data = match &self.data {
             InodeData::File(fd) => {
                 debug_assert!(
                     fd.dirty.is_empty() && fd.flushing.is_empty(),
                     "dirty chunks flushed before records"
                 );
-                match &fd.inline {
-                    Some(v) => RecordData::InlineFile(seal_inline(content_key, store_id, ino, v)),
-                    None => RecordData::ChunkedFile(map_to_vec(&fd.chunks)),
+                match (&fd.inline, &fd.sealed_inline, content_key) {
+                    (Some(v), _, Some(k)) => {
+                        RecordData::InlineFile(seal_inline(k, store_id, ino, v))
+                    }
+                    (None, Some(sealed), _) => RecordData::InlineFile(sealed.clone()),
+                    (Some(_), _, None) => {
+                        // Unreachable by construction: revocation seals all
+                        // inline content before dropping the key, and no
+                        // content can be written without it.
+                        unreachable!("plaintext inline content without a content key")
+                    }
+                    (None, None, _) => RecordData::ChunkedFile(map_to_vec(&fd.chunks)),
                 }
             }
             InodeData::Dir { parent, entries } => RecordData::Dir {
@@ -209,12 +230,18 @@ impl Inode {
     pub fn from_record(
         ino: u64,
         r: InodeRecord,
-        content_key: &AeadKey,
+        content_key: Option<&AeadKey>,
         store_id: &[u8; 16],
     ) -> Result<Inode, FormatError> {
         let data = match (r.kind, r.data) {
+            (FileKind::File, RecordData::InlineFile(sealed)) if content_key.is_none() => {
+                InodeData::File(FileData {
+                    sealed_inline: Some(sealed),
+                    ..Default::default()
+                })
+            }
             (FileKind::File, RecordData::InlineFile(sealed)) => {
-                let v = open_inline(content_key, store_id, ino, &sealed)?;
+                let v = open_inline(content_key.expect("checked"), store_id, ino, &sealed)?;
                 if v.len() as u64 != r.size {
                     return Err(FormatError::Bad(
                         "inline content does not match the file size".into(),
