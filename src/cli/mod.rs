@@ -157,6 +157,19 @@ pub enum Cmd {
         #[arg(long, value_name = "KEY")]
         kms_key: Option<String>,
     },
+    /// Full re-key: a fresh content key (under --kms-key, or the current
+    /// master key), every chunk and inline file re-encrypted, with a
+    /// progress bar. Resumable: if interrupted, run it again; nothing is
+    /// lost at any point. Afterwards the previous key is no longer needed.
+    /// The volume must not be mounted.
+    ///
+    /// Example: sealfs rekey /srv/photos.store --kms-key alias/photos-2027
+    Rekey {
+        store: PathBuf,
+        /// Master key for the new content key [default: the current one]
+        #[arg(long, value_name = "KEY")]
+        kms_key: Option<String>,
+    },
     /// List live sealfs mounts: store, mountpoint, volume, key, mode,
     /// uptime and bytes read/written (stale mounts whose daemon died too)
     ///
@@ -251,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Info { store, json } => cmd_info(&g, &store, json),
         Cmd::Status { json } => cmd_status(json),
         Cmd::Rewrap { store, kms_key } => cmd_rewrap(&g, &store, kms_key.as_deref()),
+        Cmd::Rekey { store, kms_key } => cmd_rekey(&g, &store, kms_key.as_deref()),
     }
 }
 
@@ -814,16 +828,23 @@ impl KeyWatcher {
                             continue;
                         }
                     }
-                    let (w, ctx) = vol.wrapped_content_key();
-                    match (ks.usable_for(&w), vol.content_unavailable()) {
-                        (Ok(()), Some(_)) => match ks.unwrap(&w, &ctx) {
-                            Ok(vck) => {
-                                if let Err(e) = vol.restore_content(&vck) {
-                                    log::error!("cannot restore file content: {e}");
+                    let (wrapped, ctx) = vol.wrapped_content_keys();
+                    let usable = wrapped.iter().try_for_each(|(_, w)| ks.usable_for(w));
+                    match (usable, vol.content_unavailable()) {
+                        (Ok(()), Some(_)) => {
+                            let keys: Result<Vec<_>, _> = wrapped
+                                .iter()
+                                .map(|(g, w)| ks.unwrap(w, &ctx).map(|k| (*g, k)))
+                                .collect();
+                            match keys {
+                                Ok(keys) => {
+                                    if let Err(e) = vol.restore_content(&keys) {
+                                        log::error!("cannot restore file content: {e}");
+                                    }
                                 }
+                                Err(e) => log::error!("cannot unwrap the content key again: {e}"),
                             }
-                            Err(e) => log::error!("cannot unwrap the content key again: {e}"),
-                        },
+                        }
                         (Err(e), None) => {
                             // Push the kernel's dirty pages to us while the
                             // key is still here, then revoke, then drop the
@@ -1178,6 +1199,59 @@ fn cmd_rewrap(g: &Global, store: &Path, kms_key: Option<&str>) -> Result<()> {
     println!(
         "rewrote the header only: {written} bytes in {:.1} ms",
         took.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+fn cmd_rekey(g: &Global, store: &Path, kms_key: Option<&str>) -> Result<()> {
+    let ks = open_keystore(g, false)?;
+    let start = Instant::now();
+    let resumed = Volume::rekey_begin(store, &ks, kms_key)?;
+    if resumed {
+        eprintln!(
+            "sealfs: resuming an interrupted re-key of {}",
+            store.display()
+        );
+    }
+    let vol = open_volume(store, &ks, &MountOpts::default())?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "re-encrypting {bar:40} {pos}/{len} chunks ({percent}%) eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let mut total = 0;
+    let r = vol.rekey_content(&mut |done, all| {
+        total = all;
+        bar.set_length(all);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let closed = vol.close();
+    r.map_err(|e| {
+        anyhow!(
+            "re-key of {} stopped: {e:?}; nothing is lost: fix the cause (see the messages above) and run `sealfs rekey {}` again to resume",
+            store.display(),
+            store.display()
+        )
+    })?;
+    closed.map_err(|e| {
+        anyhow!(
+            "final commit of {} failed: {e:?}; run `sealfs rekey` again to resume",
+            store.display()
+        )
+    })?;
+    drop(vol);
+    Volume::rekey_finish(store, &ks)?;
+    let info = Volume::info(store, &ks)?;
+    println!(
+        "{}: re-keyed: {total} chunks and every inline file re-encrypted under a new content key (generation {}) wrapped by {} v{}, in {:.1} s; the previous key is no longer needed",
+        store.display(),
+        info.content_gen,
+        key_label(&ks, &info.content_key.0),
+        info.content_key.1,
+        start.elapsed().as_secs_f64()
     );
     Ok(())
 }

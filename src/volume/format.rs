@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{self, AeadKey, Key32, TAG_LEN};
 use crate::kms::WrappedKey;
 
-/// Store format version, checked on every open.
-pub const FORMAT_VERSION: u16 = 1;
+/// Store format version (of the header), checked on every open. Version 2
+/// added the re-key state to the header; version 1 headers are still read.
+pub const FORMAT_VERSION: u16 = 2;
+/// Version of chunk objects, journal records and checkpoints (unchanged
+/// since store format 1).
+pub const OBJECT_VERSION: u16 = 1;
 /// Magic at the start of `sealfs.store`.
 pub const HEADER_MAGIC: &[u8; 8] = b"SEALFSV\0";
 /// Magic of a chunk object.
@@ -160,6 +164,30 @@ pub struct HeaderBody {
     pub vck: WrappedKey,
     /// Generation of the content key (bumped by a full re-key).
     pub content_gen: u32,
+    /// Set while a full re-key (`sealfs rekey`) is under way: the previous
+    /// content key, still needed for objects not yet re-encrypted.
+    pub rekey: Option<RekeyState>,
+}
+
+/// The previous content key during a re-key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RekeyState {
+    /// The previous content key, wrapped as it was.
+    pub old_vck: WrappedKey,
+    /// Its generation (`content_gen - 1`).
+    pub old_gen: u32,
+}
+
+/// Header body of store format version 1 (no re-key state).
+#[derive(Deserialize)]
+struct HeaderBodyV1 {
+    store_id: [u8; 16],
+    created: u64,
+    chunk_size: u32,
+    inline_max: u32,
+    vmk: WrappedKey,
+    vck: WrappedKey,
+    content_gen: u32,
 }
 
 /// Encode the header: `magic ‖ version ‖ body_len ‖ body ‖ HMAC`.
@@ -183,7 +211,7 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
         return Err(bad("not a sealfs store header (bad magic or too short)"));
     }
     let version = u16::from_le_bytes([data[8], data[9]]);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != 1 {
         return Err(FormatError::Version {
             found: version,
             supported: FORMAT_VERSION,
@@ -195,8 +223,23 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
             "store header length does not match its contents (truncated or extended)",
         ));
     }
-    let body: HeaderBody = postcard::from_bytes(&data[14..14 + len])
-        .map_err(|_| bad("store header body does not parse"))?;
+    let raw = &data[14..14 + len];
+    let body: HeaderBody = if version == 1 {
+        let v: HeaderBodyV1 =
+            postcard::from_bytes(raw).map_err(|_| bad("store header body does not parse"))?;
+        HeaderBody {
+            store_id: v.store_id,
+            created: v.created,
+            chunk_size: v.chunk_size,
+            inline_max: v.inline_max,
+            vmk: v.vmk,
+            vck: v.vck,
+            content_gen: v.content_gen,
+            rekey: None,
+        }
+    } else {
+        postcard::from_bytes(raw).map_err(|_| bad("store header body does not parse"))?
+    };
     if !(4096..=(16 << 20)).contains(&body.chunk_size) || !body.chunk_size.is_power_of_two() {
         return Err(bad("store header has an invalid chunk size"));
     }
@@ -251,10 +294,19 @@ pub fn seal_chunk(
     };
     let mut out = Vec::with_capacity(10 + sealed.len());
     out.extend_from_slice(CHUNK_MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
     out.extend_from_slice(&gen.to_le_bytes());
     out.extend_from_slice(&sealed);
     out
+}
+
+/// The content-key generation a chunk object was sealed with (from its
+/// unauthenticated header; [`open_chunk`] authenticates it).
+pub fn chunk_gen(data: &[u8]) -> Option<u32> {
+    if data.len() < 10 || &data[..4] != CHUNK_MAGIC {
+        return None;
+    }
+    Some(u32::from_le_bytes(data[6..10].try_into().expect("4")))
 }
 
 /// Open a chunk object holding `len` data bytes; fails on any
@@ -270,7 +322,7 @@ pub fn open_chunk(
     if data.len() < 10 || &data[..4] != CHUNK_MAGIC {
         return Err(bad("chunk object has a bad header"));
     }
-    if u16::from_le_bytes([data[4], data[5]]) != FORMAT_VERSION {
+    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
         return Err(bad("chunk object has an unknown format version"));
     }
     let g = u32::from_le_bytes(data[6..10].try_into().expect("4"));
@@ -352,7 +404,7 @@ pub fn seal_journal(
     let tag = crypto::tag_of(&sealed);
     let mut out = Vec::with_capacity(14 + sealed.len());
     out.extend_from_slice(JOURNAL_MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&sealed);
     (out, tag)
@@ -370,7 +422,7 @@ pub fn open_journal(
     if data.len() < 14 || &data[..4] != JOURNAL_MAGIC {
         return Err(bad(format!("journal record {seq} has a bad header")));
     }
-    if u16::from_le_bytes([data[4], data[5]]) != FORMAT_VERSION {
+    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
         return Err(bad(format!(
             "journal record {seq} has an unknown format version"
         )));
@@ -410,7 +462,7 @@ pub fn seal_checkpoint(
     let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
     let mut out = Vec::with_capacity(plain.len() + 64);
     out.extend_from_slice(CHECKPOINT_MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     let frames: Vec<&[u8]> = if plain.is_empty() {
         vec![&[][..]]
@@ -439,7 +491,7 @@ pub fn open_checkpoint(
     if data.len() < 14 || &data[..4] != CHECKPOINT_MAGIC {
         return Err(bad(format!("checkpoint {seq} has a bad header")));
     }
-    if u16::from_le_bytes([data[4], data[5]]) != FORMAT_VERSION {
+    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
         return Err(bad(format!(
             "checkpoint {seq} has an unknown format version"
         )));
@@ -635,6 +687,50 @@ mod tests {
             key_version: 1,
             sealed: vec![1, 2, 3],
         };
+        let mut body = HeaderBody {
+            store_id: [4; 16],
+            created: 9,
+            chunk_size: 65536,
+            inline_max: 4096,
+            vmk: w.clone(),
+            vck: w.clone(),
+            content_gen: 1,
+            rekey: None,
+        };
+        let h = encode_header(&body, &mk);
+        assert_eq!(&h[..10], b"SEALFSV\0\x02\x00");
+        assert_eq!(decode_header(&h).unwrap(), body);
+        assert!(verify_header(&h, &mk));
+        let mut t = h.clone();
+        let n = t.len();
+        t[n - 40] ^= 1;
+        assert!(!verify_header(&t, &mk));
+        let mut v = h.clone();
+        v[8] = 3;
+        assert!(matches!(
+            decode_header(&v),
+            Err(FormatError::Version { found: 3, .. })
+        ));
+        assert!(decode_header(&h[..h.len() - 1]).is_err());
+        // during a re-key
+        body.rekey = Some(RekeyState {
+            old_vck: w,
+            old_gen: 1,
+        });
+        body.content_gen = 2;
+        let h2 = encode_header(&body, &mk);
+        assert_eq!(decode_header(&h2).unwrap(), body);
+    }
+
+    #[test]
+    fn version_1_headers_are_read() {
+        // A version 1 header: the same body without the re-key state.
+        let mk = Key32::from_bytes([5u8; 32]);
+        let w = WrappedKey {
+            key_id: "k".into(),
+            key_version: 1,
+            sealed: vec![1, 2, 3],
+        };
         let body = HeaderBody {
             store_id: [4; 16],
             created: 9,
@@ -643,22 +739,20 @@ mod tests {
             vmk: w.clone(),
             vck: w,
             content_gen: 1,
+            rekey: None,
         };
-        let h = encode_header(&body, &mk);
-        assert_eq!(&h[..10], b"SEALFSV\0\x01\x00");
-        assert_eq!(decode_header(&h).unwrap(), body);
-        assert!(verify_header(&h, &mk));
-        let mut t = h.clone();
-        let n = t.len();
-        t[n - 40] ^= 1;
-        assert!(!verify_header(&t, &mk));
-        let mut v = h.clone();
-        v[8] = 2;
-        assert!(matches!(
-            decode_header(&v),
-            Err(FormatError::Version { found: 2, .. })
-        ));
-        assert!(decode_header(&h[..h.len() - 1]).is_err());
+        let v2 = encode_header(&body, &mk);
+        // drop the trailing `rekey: None` byte (postcard 0x00) and re-frame
+        let len = u32::from_le_bytes(v2[10..14].try_into().unwrap()) as usize;
+        let old_body = &v2[14..14 + len - 1];
+        assert_eq!(v2[14 + len - 1], 0);
+        let mut v1 = b"SEALFSV\0\x01\x00".to_vec();
+        v1.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
+        v1.extend_from_slice(old_body);
+        let mac = crypto::hmac(&mk, &v1);
+        v1.extend_from_slice(&mac);
+        assert_eq!(decode_header(&v1).unwrap(), body);
+        assert!(verify_header(&v1, &mk));
     }
 
     #[test]

@@ -292,9 +292,9 @@ pub struct Volume {
     store: Box<dyn ObjectStore>,
     hdr: HeaderBody,
     meta_key: AeadKey,
-    /// The content key; None while revoked (key disabled, scheduled for
+    /// The content keys; None while revoked (key disabled, scheduled for
     /// deletion, material deleted) or destroyed.
-    content_key: Mutex<Option<Arc<AeadKey>>>,
+    content_key: Mutex<Option<ContentKeys>>,
     /// Held (read) by every content operation; revocation takes it (write)
     /// so that no content operation is half-done when the key goes.
     /// The value: why content is unavailable (None: it is available).
@@ -370,6 +370,61 @@ fn derive_keys(vmk: &Key32, vck: &Key32) -> (AeadKey, Key32, AeadKey) {
         vmk.derive(LABEL_HEADER_MAC),
         AeadKey::new(&vck.derive(LABEL_CONTENT)),
     )
+}
+
+/// The content keys of an open volume: the current generation, and during
+/// a re-key the previous one.
+#[derive(Clone)]
+struct ContentKeys {
+    cur: (u32, Arc<AeadKey>),
+    old: Option<(u32, Arc<AeadKey>)>,
+}
+
+impl ContentKeys {
+    fn new(hdr: &HeaderBody, keys: &[(u32, Key32)]) -> Option<ContentKeys> {
+        let mk = |k: &Key32| Arc::new(AeadKey::new(&k.derive(LABEL_CONTENT)));
+        let cur = keys.iter().find(|(g, _)| *g == hdr.content_gen)?;
+        let old = hdr.rekey.as_ref().and_then(|r| {
+            keys.iter()
+                .find(|(g, _)| *g == r.old_gen)
+                .map(|(g, k)| (*g, mk(k)))
+        });
+        Some(ContentKeys {
+            cur: (cur.0, mk(&cur.1)),
+            old,
+        })
+    }
+
+    fn for_gen(&self, gen: u32) -> Option<&Arc<AeadKey>> {
+        if self.cur.0 == gen {
+            Some(&self.cur.1)
+        } else {
+            self.old.as_ref().filter(|(g, _)| *g == gen).map(|(_, k)| k)
+        }
+    }
+
+    /// Current key first.
+    fn all(&self) -> Vec<&AeadKey> {
+        let mut v: Vec<&AeadKey> = vec![&self.cur.1];
+        if let Some((_, k)) = &self.old {
+            v.push(k);
+        }
+        v
+    }
+}
+
+/// Unwrap every content key the header names: (generation, key).
+fn unwrap_content_keys(
+    ks: &Keystore,
+    hdr: &HeaderBody,
+    vck: Key32,
+) -> Result<Vec<(u32, Key32)>, KmsError> {
+    let mut keys = vec![(hdr.content_gen, vck)];
+    if let Some(r) = &hdr.rekey {
+        let ctx = kms::volume_context(&volume_id_hex(&hdr.store_id), "content");
+        keys.push((r.old_gen, ks.unwrap(&r.old_vck, &ctx)?));
+    }
+    Ok(keys)
 }
 
 /// A master key id and version.
@@ -522,6 +577,7 @@ impl Volume {
             vmk: wvmk,
             vck: wvck,
             content_gen: 1,
+            rekey: None,
         };
         let (meta_key, mac_key, _content) = derive_keys(&vmk, &vck);
         let now = Timespec::now();
@@ -577,6 +633,165 @@ impl Volume {
         ))
     }
 
+    /// `sealfs rekey`, step 1 (store not mounted): start a full re-key
+    /// unless one is already under way. A fresh content key, wrapped under
+    /// `kms_key` (default: the current master key), becomes the current
+    /// generation; the previous one stays in the header until every object
+    /// is re-encrypted. Returns true when resuming an interrupted re-key.
+    pub fn rekey_begin(
+        root: &Path,
+        ks: &Keystore,
+        kms_key: Option<&str>,
+    ) -> Result<bool, OpenError> {
+        if !root.join(HEADER_FILE).exists() {
+            return Err(OpenError::NotAStore(root.to_path_buf()));
+        }
+        let _lock = lock_store(root)?;
+        let (hdr, vmk, vck) = read_header(root, ks)?;
+        vck?;
+        if hdr.rekey.is_some() {
+            if let Some(k) = kms_key {
+                let want = ks.resolve(k)?.id.clone();
+                if want != hdr.vck.key_id {
+                    return Err(OpenError::Kms(KmsError::Refused(format!(
+                        "an interrupted re-key to key {} is under way; finish it first with `sealfs rekey {}` (no --kms-key), then re-key again",
+                        hdr.vck.key_id,
+                        root.display()
+                    ))));
+                }
+            }
+            return Ok(true);
+        }
+        let target = kms_key.unwrap_or(&hdr.vck.key_id).to_string();
+        ks.check_usable(&target)?;
+        let vid = volume_id_hex(&hdr.store_id);
+        let fresh = Key32::random();
+        let wrapped = ks.wrap(&target, &kms::volume_context(&vid, "content"), &fresh)?;
+        let mut new = hdr.clone();
+        new.rekey = Some(RekeyState {
+            old_vck: hdr.vck.clone(),
+            old_gen: hdr.content_gen,
+        });
+        new.vck = wrapped;
+        new.content_gen = hdr.content_gen + 1;
+        let mac_key = vmk.derive(LABEL_HEADER_MAC);
+        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
+            .map_err(io_at(root))?;
+        Ok(false)
+    }
+
+    /// `sealfs rekey`, step 2, on the volume opened after
+    /// [`Volume::rekey_begin`]: re-encrypt every inline file and every chunk
+    /// still under the previous key, committing every 256 chunks, and end
+    /// with a checkpoint so that no live record needs the previous key.
+    /// Killed at any point, it loses nothing and resumes where it stopped.
+    /// `progress(done, total)` is called as it goes.
+    pub fn rekey_content(&self, progress: &mut dyn FnMut(u64, u64)) -> FsResult<()> {
+        self.check_writable()?;
+        let keys = self.content_key.lock().clone().ok_or(FsError::ACCES)?;
+        if keys.old.is_none() {
+            return Ok(());
+        }
+        let sid = self.hdr.store_id;
+        let todo: Vec<(u64, u64, ChunkRef)> = {
+            let mut st = self.state.lock();
+            let mut v = Vec::new();
+            let mut inline = Vec::new();
+            for (&ino, inode) in &st.inodes {
+                if let InodeData::File(fd) = &inode.data {
+                    if fd.inline.is_some() {
+                        inline.push(ino);
+                    }
+                    v.extend(fd.chunks.iter().map(|(&i, r)| (ino, i, *r)));
+                }
+            }
+            // Inline content is re-sealed under the current key by the
+            // next commit of these inodes.
+            st.dirty.extend(inline);
+            v
+        };
+        let total = todo.len() as u64;
+        self.commit(false)?;
+        progress(0, total);
+        let mut since_commit = 0;
+        for (n, (ino, idx, r)) in todo.into_iter().enumerate() {
+            let data = self.store.get(Kind::Chunk, &r.name()).map_err(|e| {
+                log::error!(
+                    "re-key: chunk {} of {} is unreadable: {e}",
+                    r.name(),
+                    self.path_of(ino)
+                );
+                FsError::IO
+            })?;
+            let gen = chunk_gen(&data).unwrap_or(0);
+            if gen != keys.cur.0 {
+                let key = keys.for_gen(gen).ok_or_else(|| {
+                    log::error!(
+                        "re-key: chunk {} of {} has unknown key generation {gen}",
+                        r.name(),
+                        self.path_of(ino)
+                    );
+                    FsError::IO
+                })?;
+                let plain =
+                    open_chunk(key, &sid, &r.id, gen, r.len as usize, &data).map_err(|e| {
+                        log::error!("re-key: chunk {} of {}: {e}", r.name(), self.path_of(ino));
+                        FsError::IO
+                    })?;
+                let id: [u8; 16] = crypto::random_bytes();
+                let obj = seal_chunk(&keys.cur.1, &sid, &id, keys.cur.0, &plain);
+                self.store.put(Kind::Chunk, &hex::encode(id), &obj, false)?;
+                let mut st = self.state.lock();
+                let epoch = st.seq + 1;
+                let mut swapped = false;
+                if let Some(Inode {
+                    data: InodeData::File(fd),
+                    ..
+                }) = st.inodes.get_mut(&ino)
+                {
+                    if let Some(c) = fd.chunks.get_mut(&idx).filter(|c| c.id == r.id) {
+                        *c = ChunkRef {
+                            id,
+                            epoch,
+                            len: r.len,
+                        };
+                        swapped = true;
+                    }
+                }
+                if swapped {
+                    st.pending_free.push(r.id);
+                    st.dirty.insert(ino);
+                    since_commit += 1;
+                } else {
+                    // changed meanwhile (cannot happen offline): drop ours
+                    st.pending_free.push(id);
+                }
+                drop(st);
+                if since_commit >= 256 {
+                    self.commit(false)?;
+                    since_commit = 0;
+                }
+            }
+            progress(n as u64 + 1, total);
+        }
+        self.commit(true)
+    }
+
+    /// `sealfs rekey`, step 3 (after the volume is closed): drop the previous
+    /// content key from the header. The re-key is complete.
+    pub fn rekey_finish(root: &Path, ks: &Keystore) -> Result<(), OpenError> {
+        let _lock = lock_store(root)?;
+        let (hdr, vmk, _vck) = read_header(root, ks)?;
+        if hdr.rekey.is_none() {
+            return Ok(());
+        }
+        let mut new = hdr;
+        new.rekey = None;
+        let mac_key = vmk.derive(LABEL_HEADER_MAC);
+        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
+            .map_err(io_at(root))
+    }
+
     /// Describe a store (needs the keystore to authenticate the header).
     pub fn info(root: &Path, ks: &Keystore) -> Result<VolumeInfo, OpenError> {
         let (hdr, _vmk, vck) = read_header(root, ks)?;
@@ -615,10 +830,8 @@ impl Volume {
                     // Mount re-wraps under the newest key versions.
                     hdr = rewrap_header(root, ks, &hdr, &vmk, &vck, None)?;
                 }
-                (
-                    Some(Arc::new(AeadKey::new(&vck.derive(LABEL_CONTENT)))),
-                    None,
-                )
+                let keys = unwrap_content_keys(ks, &hdr, vck)?;
+                (ContentKeys::new(&hdr, &keys), None)
             }
             // A destroyed key: the metadata still opens (ls, stat work);
             // file content is gone for good.
@@ -657,10 +870,11 @@ impl Volume {
             .map_err(io_at(root))?;
         let (ckpt, mut tag) = open_checkpoint(&meta_key, &hdr.store_id, cseq, &data)
             .map_err(|e| meta_err(e.to_string()))?;
+        let ckeys: Vec<&AeadKey> = content_key.as_ref().map(|k| k.all()).unwrap_or_default();
         let mut st = State::new();
         st.next_ino = ckpt.next_ino;
         for (ino, rec) in ckpt.inodes {
-            let inode = Inode::from_record(ino, rec, content_key.as_deref(), &hdr.store_id)
+            let inode = Inode::from_record(ino, rec, &ckeys, &hdr.store_id)
                 .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
             st.inodes.insert(ino, inode);
         }
@@ -679,7 +893,7 @@ impl Volume {
             let (body, t) = open_journal(&meta_key, &hdr.store_id, j, &tag, &data)
                 .map_err(|e| meta_err(e.to_string()))?;
             for (ino, rec) in body.upserts {
-                let inode = Inode::from_record(ino, rec, content_key.as_deref(), &hdr.store_id)
+                let inode = Inode::from_record(ino, rec, &ckeys, &hdr.store_id)
                     .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
                 st.inodes.insert(ino, inode);
             }
@@ -827,13 +1041,15 @@ impl Volume {
         self.content_gate.read_recursive().clone()
     }
 
-    /// The wrapped content key and the encryption context it is bound to
-    /// (for a daemon that watches its key's state).
-    pub fn wrapped_content_key(&self) -> (kms::WrappedKey, kms::EncryptionContext) {
-        (
-            self.hdr.vck.clone(),
-            kms::volume_context(&self.id(), "content"),
-        )
+    /// The wrapped content keys, (generation, wrapped key) with the current
+    /// one first, and the encryption context they are bound to (for a
+    /// daemon that watches its key's state).
+    pub fn wrapped_content_keys(&self) -> (Vec<(u32, kms::WrappedKey)>, kms::EncryptionContext) {
+        let mut v = vec![(self.hdr.content_gen, self.hdr.vck.clone())];
+        if let Some(r) = &self.hdr.rekey {
+            v.push((r.old_gen, r.old_vck.clone()));
+        }
+        (v, kms::volume_context(&self.id(), "content"))
     }
 
     /// Revoke access to file content (the master key was disabled, scheduled
@@ -862,7 +1078,8 @@ impl Volume {
             }
         }
         let mut st = self.state.lock();
-        if let Some(key) = self.content_key.lock().take() {
+        if let Some(keys) = self.content_key.lock().take() {
+            let key = keys.cur.1;
             let sid = self.hdr.store_id;
             for (ino, inode) in st.inodes.iter_mut() {
                 if let InodeData::File(fd) = &mut inode.data {
@@ -877,10 +1094,13 @@ impl Volume {
         self.cache.lock().clear();
     }
 
-    /// Give file content back after a revocation, with the content key
-    /// unwrapped again (`vck`).
-    pub fn restore_content(&self, vck: &Key32) -> Result<(), String> {
-        let key = Arc::new(AeadKey::new(&vck.derive(LABEL_CONTENT)));
+    /// Give file content back after a revocation, with the content keys
+    /// unwrapped again: (generation, key) for each of
+    /// [`Volume::wrapped_content_keys`].
+    pub fn restore_content(&self, keys: &[(u32, Key32)]) -> Result<(), String> {
+        let keys = ContentKeys::new(&self.hdr, keys)
+            .ok_or_else(|| "the current content key is missing".to_string())?;
+        let key = keys.cur.1.clone();
         let mut g = self.content_gate.write();
         if g.is_none() {
             return Ok(());
@@ -909,7 +1129,7 @@ impl Volume {
                 fd.sealed_inline = None;
             }
         }
-        *self.content_key.lock() = Some(key);
+        *self.content_key.lock() = Some(keys);
         *g = None;
         drop(st);
         log::warn!("{}: file content available again", self.root.display());
@@ -1015,7 +1235,8 @@ impl Volume {
         let seq = st.seq + 1;
         let prev = st.last_tag;
         let sid = self.hdr.store_id;
-        let ckey = self.content_key.lock().clone();
+        let ckeys = self.content_key.lock().clone();
+        let ckey = ckeys.as_ref().map(|k| k.cur.1.clone());
         let (obj, name, is_ckpt) = if due {
             let inodes = st
                 .inodes
@@ -1136,19 +1357,15 @@ impl Volume {
             log::error!("chunk {} is unreadable: {e}", r.name());
             FsError::IO
         })?;
-        let key = self.content_key.lock().clone().ok_or(FsError::ACCES)?;
-        let plain = open_chunk(
-            &key,
-            &self.hdr.store_id,
-            &r.id,
-            self.hdr.content_gen,
-            r.len as usize,
-            &data,
-        )
-        .map_err(|e| {
-            log::error!("chunk {}: {e}", r.name());
-            FsError::IO
-        })?;
+        let keys = self.content_key.lock().clone().ok_or(FsError::ACCES)?;
+        // During a re-key a chunk may still be under the previous key.
+        let gen = chunk_gen(&data).unwrap_or(keys.cur.0);
+        let key = keys.for_gen(gen).unwrap_or(&keys.cur.1);
+        let plain = open_chunk(key, &self.hdr.store_id, &r.id, gen, r.len as usize, &data)
+            .map_err(|e| {
+                log::error!("chunk {}: {e}", r.name());
+                FsError::IO
+            })?;
         let a = Arc::new(plain);
         self.cache.lock().put(r.id, a.clone());
         Ok(a)
@@ -1176,13 +1393,13 @@ impl Volume {
                 remaining.insert(idx, buf);
                 continue;
             }
-            let Some(key) = self.content_key.lock().clone() else {
+            let Some(keys) = self.content_key.lock().clone() else {
                 result = Err(FsError::ACCES);
                 remaining.insert(idx, buf);
                 continue;
             };
             let id: [u8; 16] = crypto::random_bytes();
-            let obj = seal_chunk(&key, &self.hdr.store_id, &id, self.hdr.content_gen, &buf);
+            let obj = seal_chunk(&keys.cur.1, &self.hdr.store_id, &id, keys.cur.0, &buf);
             if let Err(e) = self.store.put(Kind::Chunk, &hex::encode(id), &obj, false) {
                 log::error!("writing a chunk to {} failed: {e}", self.root.display());
                 result = Err(FsError::from(e));
@@ -1273,23 +1490,17 @@ impl Volume {
             return st;
         }
         drop(st);
-        let key = self.content_key.lock().clone();
+        let keys = self.content_key.lock().clone();
         let work = |jobs: &mut [FlushJob]| {
             for j in jobs {
-                let Some(key) = key.as_deref() else {
+                let Some(keys) = keys.as_ref() else {
                     j.result = Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
                         "the content key is not available",
                     ));
                     continue;
                 };
-                let obj = seal_chunk(
-                    key,
-                    &self.hdr.store_id,
-                    &j.id,
-                    self.hdr.content_gen,
-                    &j.data,
-                );
+                let obj = seal_chunk(&keys.cur.1, &self.hdr.store_id, &j.id, keys.cur.0, &j.data);
                 j.result = self.store.put(Kind::Chunk, &hex::encode(j.id), &obj, false);
             }
         };

@@ -230,18 +230,29 @@ impl Inode {
     pub fn from_record(
         ino: u64,
         r: InodeRecord,
-        content_key: Option<&AeadKey>,
+        content_keys: &[&AeadKey],
         store_id: &[u8; 16],
     ) -> Result<Inode, FormatError> {
         let data = match (r.kind, r.data) {
-            (FileKind::File, RecordData::InlineFile(sealed)) if content_key.is_none() => {
+            (FileKind::File, RecordData::InlineFile(sealed)) if content_keys.is_empty() => {
                 InodeData::File(FileData {
                     sealed_inline: Some(sealed),
                     ..Default::default()
                 })
             }
             (FileKind::File, RecordData::InlineFile(sealed)) => {
-                let v = open_inline(content_key.expect("checked"), store_id, ino, &sealed)?;
+                // During a re-key, inline content may be under the
+                // previous key: AEAD tells which one opens it.
+                let mut opened = None;
+                for k in content_keys {
+                    if let Ok(v) = open_inline(k, store_id, ino, &sealed) {
+                        opened = Some(v);
+                        break;
+                    }
+                }
+                let v = opened.ok_or_else(|| {
+                    FormatError::Bad("inline file content failed authentication".into())
+                })?;
                 if v.len() as u64 != r.size {
                     return Err(FormatError::Bad(
                         "inline content does not match the file size".into(),
