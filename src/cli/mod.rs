@@ -190,6 +190,24 @@ pub enum Cmd {
     },
 }
 
+/// An error and its causes on one line, leaving out a cause whose text
+/// the message before it already contains (many errors quote their
+/// source).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if out.contains(&c) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&c);
+    }
+    out
+}
+
 /// Exit status of a mount helper whose mount failed (mount(8)'s "mount
 /// failure"); invocation errors exit with 1.
 const HELPER_MOUNT_FAILURE: i32 = 32;
@@ -227,7 +245,7 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("sealfs: error: {e:#}");
+            eprintln!("sealfs: error: {}", error_text(&e));
             if helper_mode {
                 HELPER_MOUNT_FAILURE
             } else {
@@ -568,6 +586,13 @@ fn check_mount(
             "{} is not a sealfs store (no {}); create one with `sealfs create`",
             store.display(),
             volume::HEADER_FILE
+        );
+    }
+    if status::mount_is_stale(&mountpoint) {
+        bail!(
+            "mountpoint {} is a stale mount (its daemon died); clear it with `sealfs umount {}`",
+            mountpoint.display(),
+            mountpoint.display()
         );
     }
     if let Some((src, fstype)) = mount_source(&mountpoint) {
@@ -1397,6 +1422,18 @@ mod tests {
         assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(fmt_time(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(fmt_time(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn error_chain_without_repeats() {
+        let inner = anyhow!("unsupported store format version 3");
+        let e = inner.context("store /s: unsupported store format version 3");
+        assert_eq!(
+            error_text(&e),
+            "store /s: unsupported store format version 3"
+        );
+        let e = anyhow!("disk full").context("cannot write /x");
+        assert_eq!(error_text(&e), "cannot write /x: disk full");
     }
 
     #[test]

@@ -195,11 +195,24 @@ pub struct Row {
     pub status: Option<MountStatus>,
 }
 
+/// Whether the daemon process exists and is not a zombie waiting to be
+/// reaped.
 fn daemon_alive(pid: u32) -> bool {
-    match rustix::process::Pid::from_raw(pid as i32) {
-        Some(p) => rustix::process::test_kill_process(p).is_ok(),
-        None => false,
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
     }
+}
+
+/// Whether a mount's daemon is gone (the kernel answers ENOTCONN). Asks
+/// with statfs, which always reaches the daemon: a plain stat can be
+/// answered from the kernel's attribute cache for a while.
+pub fn mount_is_stale(mp: &Path) -> bool {
+    matches!(rustix::fs::statfs(mp), Err(e) if e == rustix::io::Errno::NOTCONN)
 }
 
 /// Join the mount table with the status files.
@@ -215,8 +228,7 @@ pub fn collect() -> Vec<Row> {
                     s.mountpoint.as_os_str().as_bytes() == entry.mountpoint.as_os_str().as_bytes()
                 })
                 .cloned();
-            let stale = matches!(std::fs::metadata(&entry.mountpoint),
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+            let stale = mount_is_stale(&entry.mountpoint);
             let state = match (&status, stale) {
                 (_, true) => "stale",
                 (Some(s), false) if !daemon_alive(s.pid) => "stale",

@@ -333,3 +333,68 @@ impl Rng {
         v
     }
 }
+
+/// Name of the unprivileged user the multi-user tests run commands as.
+pub const TEST_USER: &str = "sealfs-test";
+
+/// The unprivileged test user `sealfs-test` as (uid, gid, name), created
+/// (no home directory, no login shell) if it does not exist yet. Needs root.
+pub fn test_user() -> (u32, u32, String) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").arg(flag).arg(TEST_USER).output().ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        stdout(&o).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        // Another test binary may create it at the same time: useradd then
+        // exits 9 ("already exists"), or 10 while the other holds the lock.
+        for attempt in 0..50 {
+            let o = Command::new("useradd")
+                .args(["-M", "-s", "/usr/sbin/nologin", TEST_USER])
+                .output()
+                .expect("cannot run useradd");
+            match o.status.code() {
+                Some(0) | Some(9) => break,
+                Some(10) if attempt < 49 => std::thread::sleep(Duration::from_millis(100)),
+                _ => panic!("useradd {TEST_USER} failed: {}", stderr(&o)),
+            }
+        }
+    }
+    let uid = id("-u").unwrap_or_else(|| panic!("user {TEST_USER} does not exist"));
+    let gid = id("-g").unwrap_or_else(|| panic!("user {TEST_USER} has no group"));
+    (uid, gid, TEST_USER.to_string())
+}
+
+/// Parse the output of `sealfs status --json` (asserting it succeeded).
+pub fn parse_status_json(out: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "sealfs status --json: {}",
+        stderr(out)
+    );
+    match serde_json::from_str(&stdout(out)) {
+        Ok(serde_json::Value::Array(v)) => v,
+        other => panic!(
+            "sealfs status --json did not print an array ({other:?}): {}",
+            stdout(out)
+        ),
+    }
+}
+
+/// `sealfs status --json` in this environment: one object per sealfs
+/// mount on the machine (other tests' mounts included).
+pub fn status_json(env: &Env) -> Vec<serde_json::Value> {
+    parse_status_json(&env.sealfs(&["status", "--json"]))
+}
+
+/// The `sealfs status --json` entry of the mount at `mp`, if listed.
+pub fn status_entry(env: &Env, mp: &Path) -> Option<serde_json::Value> {
+    let mp = mp.to_str().unwrap();
+    status_json(env)
+        .into_iter()
+        .find(|e| e["mountpoint"].as_str() == Some(mp))
+}
