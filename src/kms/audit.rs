@@ -57,7 +57,8 @@ impl Caller {
                     );
                 continue;
             }
-            if words.len() >= 3 || a.contains('/') {
+            // subcommand names only: never a path, key name or value
+            if words.len() >= 3 || !a.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
                 break;
             }
             words.push(a.clone());
