@@ -28,19 +28,6 @@ fn run(mut c: Command) -> Output {
     c.output().unwrap()
 }
 
-fn assert_failed(out: &Output, needles: &[&str], what: &str) {
-    assert!(
-        !out.status.success(),
-        "{what}: expected failure, got success: {}{}",
-        stdout(out),
-        stderr(out)
-    );
-    let e = stderr(out);
-    for n in needles {
-        assert!(e.contains(n), "{what}: message lacks {n:?}: {e}");
-    }
-}
-
 /// `sealfs mount [-f] [-o opts] store mp` built from `base`, expected to
 /// fail without mounting anything.
 fn failed_mount(mut base: Command, store: &Path, mp: &Path, fg: bool, opts: &[&str]) -> Output {

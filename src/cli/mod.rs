@@ -865,6 +865,14 @@ impl KeyWatcher {
                                 Ok(keys) => {
                                     if let Err(e) = vol.restore_content(&keys) {
                                         log::error!("cannot restore file content: {e}");
+                                    } else {
+                                        // Drop pages the kernel cached while
+                                        // content was revoked (writes it took
+                                        // into its cache and failed to write
+                                        // back), so the mount shows the store.
+                                        for ino in vol.file_inodes() {
+                                            let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+                                        }
                                     }
                                 }
                                 Err(e) => log::error!("cannot unwrap the content key again: {e}"),

@@ -343,6 +343,13 @@ impl Filesystem for SealFs {
         if self.vol.is_read_only() && (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
         }
+        // While the content key is revoked, refuse opening for writing: with
+        // the writeback cache the kernel would accept whole-page writes into
+        // its cache and only fail them later, at writeback.
+        if (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY && self.vol.content_unavailable().is_some()
+        {
+            return reply.error(Errno::from_i32(libc::EACCES));
+        }
         // With FUSE_ATOMIC_O_TRUNC the kernel passes O_TRUNC here instead of
         // sending a separate setattr(size=0).
         if flags.0 & libc::O_TRUNC != 0 && (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY {

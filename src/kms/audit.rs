@@ -8,7 +8,9 @@
 //! inserted or reordered entry is detected by anyone who can unlock the
 //! keystore, and nobody without it can forge a consistent chain. The
 //! keystore also records the newest entry it knew of when it was last
-//! saved, so cutting entries off the end before that point is detected too.
+//! saved, and every append replaces `<keystore>.audit-head`, a MAC'd record
+//! of the newest entry, so cutting entries off the end is detected too
+//! (unless the head file is also replaced by an older copy of itself).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -113,6 +115,73 @@ pub fn log_path(keystore: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Where the MAC'd record of the newest entry lives (`<log>-head`, i.e.
+/// `<keystore>.audit-head`).
+pub fn head_path(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push("-head");
+    PathBuf::from(p)
+}
+
+fn head_mac(key: &Key32, seq: u64, entry_mac: &[u8; 32]) -> [u8; 32] {
+    let mut msg = b"sealfs-audit-head-v1".to_vec();
+    msg.extend_from_slice(&seq.to_le_bytes());
+    msg.extend_from_slice(entry_mac);
+    crypto::hmac(key, &msg)
+}
+
+/// Replace the head file atomically: `seq hex(entry mac) hex(head mac)\n`,
+/// written to `<head>.tmp`, fsynced, renamed.
+fn write_head(log: &Path, key: &Key32, seq: u64, entry_mac: &[u8; 32]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = head_path(log);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let text = format!(
+        "{seq} {} {}\n",
+        hex::encode(entry_mac),
+        hex::encode(head_mac(key, seq, entry_mac))
+    );
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, &path)
+}
+
+/// The (seq, entry mac) recorded in the head file; `Ok(None)` when there is
+/// none; an error when it is unreadable or its MAC does not verify.
+fn read_head(log: &Path, key: &Key32) -> Result<Option<(u64, [u8; 32])>, String> {
+    let path = head_path(log);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let bad = || format!("{} is damaged or was edited", path.display());
+    let mut it = text.split_whitespace();
+    let seq: u64 = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let m: [u8; 32] = it
+        .next()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(bad)?;
+    let hm = it
+        .next()
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(bad)?;
+    if it.next().is_some() || !crypto::ct_eq(&head_mac(key, seq, &m), &hm) {
+        return Err(bad());
+    }
+    Ok(Some((seq, m)))
+}
+
 fn mac(key: &Key32, e: &Entry) -> [u8; 32] {
     let mut msg = b"sealfs-audit-v1".to_vec();
     msg.extend_from_slice(e.prev.as_bytes());
@@ -163,6 +232,8 @@ pub fn append(path: &Path, key: &Key32, mut e: Entry) -> Result<(u64, [u8; 32]),
     text.push('\n');
     f.write_all(text.as_bytes()).map_err(io(path))?;
     f.sync_data().map_err(io(path))?;
+    // still under the log's lock, so heads are written in entry order
+    write_head(path, key, line.entry.seq, &m).map_err(io(&head_path(path)))?;
     Ok((line.entry.seq, m))
 }
 
@@ -205,9 +276,34 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, AuditError> {
 }
 
 /// Verify the whole chain. `head` is the (seq, mac) the keystore recorded
-/// at its last save. Returns the number of entries, or a description of
-/// the first bad one.
+/// at its last save; the head file is checked as well. Returns the number
+/// of entries, or a description of the first bad one.
 pub fn verify(path: &Path, key: &Key32, head: Option<(u64, [u8; 32])>) -> Result<u64, String> {
+    let file_head = read_head(path, key)?;
+    let n = verify_against(path, key, head)?;
+    if file_head.is_none() && n > 0 && head.is_some_and(|(s, _)| s < n) {
+        // Written by this version since the keystore's last save: the head
+        // file should be there (logs of older versions heal at the next
+        // append, which writes it).
+        return Err(format!(
+            "{} is missing: entries after {} cannot be checked for removal from the end",
+            head_path(path).display(),
+            head.map(|h| h.0).unwrap_or(0)
+        ));
+    }
+    match file_head {
+        Some(fh) => verify_against(path, key, Some(fh)).map_err(|e| {
+            if e.contains("cut off the end") {
+                e.replace("the keystore has seen", "the audit head file records")
+            } else {
+                e
+            }
+        }),
+        None => Ok(n),
+    }
+}
+
+fn verify_against(path: &Path, key: &Key32, head: Option<(u64, [u8; 32])>) -> Result<u64, String> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -341,5 +437,41 @@ mod tests {
         std::fs::write(&p, orig).unwrap();
         assert_eq!(verify(&p, &k, head).unwrap(), 4);
         assert_eq!(read(&p).unwrap()[2].op, "Decrypt");
+    }
+
+    #[test]
+    fn head_file_detects_entries_cut_after_the_keystore_head() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ks.audit");
+        let k = Key32::random();
+        // the keystore was saved after entry 2; entries 3 and 4 are
+        // read-only operations (a mount's Decrypt, a Describe)
+        let saved = append(&p, &k, entry("CreateKey")).unwrap();
+        let saved = [saved, append(&p, &k, entry("GenerateDataKey")).unwrap()][1];
+        append(&p, &k, entry("Decrypt")).unwrap();
+        append(&p, &k, entry("DescribeKey")).unwrap();
+        assert_eq!(verify(&p, &k, Some(saved)).unwrap(), 4);
+        let orig = std::fs::read_to_string(&p).unwrap();
+        let head = std::fs::read_to_string(head_path(&p)).unwrap();
+        assert!(head.starts_with("4 "), "{head}");
+
+        // entries 3 and 4 cut off
+        let cut: String = orig.lines().take(2).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&p, &cut).unwrap();
+        let e = verify(&p, &k, Some(saved)).unwrap_err();
+        assert!(e.contains("cut off") && e.contains("head file"), "{e}");
+        // ... and also the head file rewritten by someone without the key
+        let forged = head.replacen("4 ", "2 ", 1);
+        std::fs::write(head_path(&p), &forged).unwrap();
+        let e = verify(&p, &k, Some(saved)).unwrap_err();
+        assert!(e.contains("damaged or was edited"), "{e}");
+        // the head file removed while entries after the keystore's head remain
+        std::fs::write(&p, &orig).unwrap();
+        std::fs::remove_file(head_path(&p)).unwrap();
+        let e = verify(&p, &k, Some(saved)).unwrap_err();
+        assert!(e.contains("is missing"), "{e}");
+        // the next append writes it again
+        append(&p, &k, entry("ListKeys")).unwrap();
+        assert_eq!(verify(&p, &k, Some(saved)).unwrap(), 5);
     }
 }

@@ -246,6 +246,20 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Assert a non-zero exit whose stderr contains every needle.
+pub fn assert_failed(out: &Output, needles: &[&str], what: &str) {
+    assert!(
+        !out.status.success(),
+        "{what}: expected failure, got success: {}{}",
+        stdout(out),
+        stderr(out)
+    );
+    let e = stderr(out);
+    for n in needles {
+        assert!(e.contains(n), "{what}: message lacks {n:?}: {e}");
+    }
+}
+
 /// All files under a store directory (relative path -> bytes), ignoring the
 /// top-level `lock` file; to check that a failed command left it untouched.
 pub fn snapshot_store(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
