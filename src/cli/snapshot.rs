@@ -107,6 +107,11 @@ pub fn cmd_snapshot(g: &Global, c: SnapshotCmd) -> Result<()> {
             let start = Instant::now();
             let info = match &t.mount {
                 Some(mp) => {
+                    // Push data still in the kernel's writeback cache to
+                    // the daemon first (best effort), then ask it.
+                    if let Ok(f) = std::fs::File::open(mp) {
+                        let _ = rustix::fs::syncfs(&f);
+                    }
                     let d = snapdir(mp)?.join(&name);
                     std::fs::create_dir(&d).map_err(|e| match e.raw_os_error() {
                         Some(libc::EEXIST) => anyhow!(volume::SnapshotError::Exists(name.clone())),

@@ -1218,12 +1218,16 @@ impl Volume {
     /// Inode numbers of all regular files (to drop the kernel's cached
     /// pages of each after a revocation).
     pub fn file_inodes(&self) -> Vec<u64> {
-        let st = self.state.lock();
-        st.inodes
-            .iter()
-            .filter(|(_, i)| i.kind == FileKind::File)
-            .map(|(&n, _)| n)
-            .collect()
+        let mut v: Vec<u64> = {
+            let st = self.state.lock();
+            st.inodes
+                .iter()
+                .filter(|(_, i)| i.kind == FileKind::File)
+                .map(|(&n, _)| n)
+                .collect()
+        };
+        v.extend(self.snapshot_file_inodes());
+        v
     }
 
     /// Bytes read and written through the volume since it was opened.

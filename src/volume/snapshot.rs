@@ -392,6 +392,22 @@ impl Volume {
         self.snaps.read().refs.contains(id)
     }
 
+    /// Inode numbers of the regular files in every snapshot (their cached
+    /// pages are dropped on revocation, like the live files').
+    pub(crate) fn snapshot_file_inodes(&self) -> Vec<u64> {
+        let sn = self.snaps.read();
+        sn.list
+            .iter()
+            .flat_map(|s| {
+                s.body
+                    .inodes
+                    .iter()
+                    .filter(|(_, r)| r.kind == FileKind::File)
+                    .map(move |(n, _)| join(s.slot, *n))
+            })
+            .collect()
+    }
+
     /// Number of snapshots.
     pub fn snapshot_count(&self) -> usize {
         self.snaps.read().list.len()
