@@ -830,3 +830,45 @@ fn clone_shares_chunks_and_reencrypt_copies() {
     let v = f.open();
     assert_eq!(read_all(&v, v.lookup(ROOT_INO, b"a").unwrap().ino), data);
 }
+
+#[test]
+fn format_2_stores_are_read_and_upgraded_by_a_read_write_open() {
+    let f = Fixture::new();
+    f.create(4096, 4096);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[4u8; 10000]).unwrap();
+    v.close().unwrap();
+    drop(v);
+    // rewrite the header as format 2: the body without the data id
+    let hp = f.store().join(HEADER_FILE);
+    let (hdr, vmk, _) = read_header(&f.store(), &f.ks).unwrap();
+    let mac_key = vmk.derive(LABEL_HEADER_MAC);
+    let v3 = encode_header(&hdr, &mac_key);
+    let len = u32::from_le_bytes(v3[10..14].try_into().unwrap()) as usize;
+    let mut v2 = b"SEALFSV\0\x02\x00".to_vec();
+    v2.extend_from_slice(&((len - 16) as u32).to_le_bytes());
+    v2.extend_from_slice(&v3[14..14 + len - 16]);
+    let mac = crypto::hmac(&mac_key, &v2);
+    v2.extend_from_slice(&mac);
+    std::fs::write(&hp, &v2).unwrap();
+    // read-only: read as it is, left as it is
+    let mut ro = f.opts();
+    ro.read_only = true;
+    let v = Volume::open(&f.store(), &f.ks, &ro).unwrap();
+    assert_eq!(read_all(&v, a.ino), vec![4u8; 10000]);
+    drop(v);
+    assert_eq!(header_version(&std::fs::read(&hp).unwrap()), 2);
+    assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 2);
+    // read-write: upgraded to format 3, data id = store id
+    let v = f.open();
+    assert_eq!(read_all(&v, a.ino), vec![4u8; 10000]);
+    drop(v);
+    let now = std::fs::read(&hp).unwrap();
+    assert_eq!(header_version(&now), 3);
+    let h = decode_header(&now).unwrap();
+    assert_eq!(h.data_id, h.store_id);
+    assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 3);
+}
