@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # sealfs benchmark (not a test): plain directory vs gocryptfs vs sealfs, same disk.
 #
-#   scripts/bench.sh [--quick] [--no-deps] [--no-build]
+#   scripts/bench.sh [--quick] [--no-deps] [--no-build] [--snapshots]
 #
+# --snapshots : only the sealfs snapshot/clone benchmark: time to snapshot and to clone
+#           (same file system: hard links) a 1 GiB volume (BENCH_SIZE_MB) and a volume of
+#           10,000 files (BENCH_SNAP_FILES), and the space a snapshot holds after 10% of
+#           the 1 GiB volume's chunks were rewritten. Results in $BENCH_DIR/snapshots.md.
 # --quick : 64 MiB sequential file, fio 5 s on 64 MiB, and (unless BENCH_TARBALL is set)
 #           a synthetic tarball of ~5000 small files (0-20 KiB) in 200 directories.
 #
@@ -26,13 +30,14 @@ log()  { printf '[bench] %s\n' "$*" >&2; }
 warn() { printf '[bench] WARNING: %s\n' "$*" >&2; }
 die()  { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 
-QUICK=0 DO_DEPS=1 DO_BUILD=1
+QUICK=0 DO_DEPS=1 DO_BUILD=1 SNAP_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --quick)    QUICK=1 ;;
         --no-deps)  DO_DEPS=0 ;;
         --no-build) DO_BUILD=0 ;;
-        -h|--help)  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --snapshots) SNAP_ONLY=1 ;;
+        -h|--help)  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $arg (try --help)" ;;
     esac
 done
@@ -327,12 +332,16 @@ run_suite() {
 # preparation
 # ----------------------------------------------------------------------------
 cd "$ROOT"
-if [ "$DO_DEPS" -eq 1 ]; then
+if [ "$SNAP_ONLY" -eq 1 ]; then
+    TARGETS=(sealfs)
+elif [ "$DO_DEPS" -eq 1 ]; then
     bash scripts/deps.sh --bench
 fi
-for tool in fio gocryptfs fusermount3 tar xz; do
-    command -v "$tool" >/dev/null || die "$tool not found; run scripts/deps.sh --bench"
-done
+if [ "$SNAP_ONLY" -eq 0 ]; then
+    for tool in fio gocryptfs fusermount3 tar xz; do
+        command -v "$tool" >/dev/null || die "$tool not found; run scripts/deps.sh --bench"
+    done
+fi
 
 if [[ " ${TARGETS[*]} " == *" sealfs "* ]] && [ "$DO_BUILD" -eq 1 ] && [ -z "${SEALFS_BIN:-}" ]; then
     log "cargo build --release"
@@ -349,6 +358,85 @@ if [ -n "$(mounts_under_bench)" ]; then
 fi
 rm -rf "$WORK" "$RES" "$LOGS"
 mkdir -p "$WORK" "$CACHE" "$RES" "$LOGS"
+
+# --- snapshots and clones (--snapshots) ------------------------------------------
+ms_since() {  # $1 = start from `date +%s%N` -> milliseconds, one decimal
+    awk -v a="$1" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e6 }'
+}
+# snap_timings LABEL : snapshot (CLI and mkdir) and clone timings of the mounted store
+snap_timings() {
+    local label="$1" mnt="$WORK/sealfs/mnt" store="$WORK/sealfs/store" t
+    t=$(date +%s%N); "${SEALFS_CMD[@]}" snapshot create "$mnt" s0 >>"$LOGS/sealfs.log"
+    echo "| $label | sealfs snapshot create, right after writing (includes committing what was not yet committed) | $(ms_since "$t") ms |" >> "$SNAP_MD"
+    "${SEALFS_CMD[@]}" snapshot delete "$mnt" s0 >>"$LOGS/sealfs.log"
+    sync "$mnt"   # fsync of the root directory: a commit
+    t=$(date +%s%N); "${SEALFS_CMD[@]}" snapshot create "$mnt" s1 >>"$LOGS/sealfs.log"
+    echo "| $label | sealfs snapshot create (CLI, by mountpoint) | $(ms_since "$t") ms |" >> "$SNAP_MD"
+    t=$(date +%s%N); mkdir "$mnt/.snapshots/s2"
+    echo "| $label | mkdir .snapshots/NAME | $(ms_since "$t") ms |" >> "$SNAP_MD"
+    t=$(date +%s%N); "${SEALFS_CMD[@]}" clone "$store@s1" "$WORK/sealfs/clone" >>"$LOGS/sealfs.log"
+    echo "| $label | sealfs clone STORE@s1 (same file system) | $(ms_since "$t") ms |" >> "$SNAP_MD"
+    t=$(date +%s%N); "${SEALFS_CMD[@]}" clone --reencrypt "$store@s1" "$WORK/sealfs/clone-re" >>"$LOGS/sealfs.log"
+    echo "| $label | sealfs clone --reencrypt STORE@s1 | $(ms_since "$t") ms |" >> "$SNAP_MD"
+    rm -rf "$WORK/sealfs/clone" "$WORK/sealfs/clone-re"
+}
+run_snapshot_bench() {
+    local mnt="$WORK/sealfs/mnt" store="$WORK/sealfs/store" nfiles chunks n before after held rewritten
+    nfiles="${BENCH_SNAP_FILES:-10000}"
+    SNAP_MD="$BENCH_DIR/snapshots.md"
+    {
+        echo "# sealfs snapshot and clone benchmark"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host: $(uname -n), kernel: $(uname -r), $(nproc) CPUs"
+        echo "- disk: $(df -h --output=source,fstype,size "$BENCH_DIR" | tail -n 1 | tr -s ' ')"
+        echo "- sealfs: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo "no commit yet")"
+        echo "- times are wall clock of the whole command (process start, keystore, work)"
+        echo
+        echo "| volume | operation | result |"
+        echo "|---|---|---:|"
+    } > "$SNAP_MD"
+    setup_target sealfs || die "sealfs setup failed"
+    log "snapshots: writing ${SIZE_MB} MiB"
+    dd if=/dev/urandom of="$mnt/big" bs=1M count="$SIZE_MB" status=none
+    snap_timings "${SIZE_MB} MiB, 1 file"
+    # rewrite 10% of the chunks (128 KiB each) at random places, then commit
+    chunks=$(( SIZE_MB * 8 )); n=$(( chunks / 10 ))
+    before=$(du -sb "$store/chunks" | cut -f1)
+    log "snapshots: rewriting $n of $chunks chunks"
+    for i in $(shuf -i 0-$(( chunks - 1 )) -n "$n"); do
+        dd if=/dev/urandom of="$mnt/big" bs=128K count=1 seek="$i" conv=notrunc status=none
+    done
+    sync "$mnt/big"   # fsync: a commit
+    "${SEALFS_CMD[@]}" snapshot delete "$mnt" s2 >>"$LOGS/sealfs.log"
+    after=$(du -sb "$store/chunks" | cut -f1)
+    held=$("${SEALFS_CMD[@]}" snapshot list --json "$mnt" | awk -F: '/exclusive_bytes/ { gsub(/[ ,]/, "", $2); print $2; exit }')
+    rewritten=$(( n * 131072 ))
+    echo "| ${SIZE_MB} MiB, 1 file | data rewritten after the snapshot | $rewritten bytes ($n chunks) |" >> "$SNAP_MD"
+    echo "| ${SIZE_MB} MiB, 1 file | space only the snapshot holds (snapshot list) | $held bytes ($(awk -v a="$held" -v b="$rewritten" 'BEGIN { printf "%.1f", 100 * (a - b) / b }')% over) |" >> "$SNAP_MD"
+    echo "| ${SIZE_MB} MiB, 1 file | growth of chunks/ on disk (du) | $(( after - before )) bytes |" >> "$SNAP_MD"
+    unmount_target sealfs
+    rm -rf "$store"
+    timeout -k 5 "$MOUNT_TIMEOUT" "${SEALFS_CMD[@]}" create "$store" --kms-key alias/bench >>"$LOGS/sealfs.log" 2>&1
+    mount_target sealfs
+    log "snapshots: writing $nfiles files"
+    local d i size pad
+    pad="$(head -c 16384 /dev/zero | tr '\0' x)"
+    RANDOM=7
+    for ((i = 0; i < nfiles; i++)); do
+        d="$mnt/d$(( i % 100 ))"
+        [ -d "$d" ] || mkdir "$d"
+        size=$(( RANDOM % 16384 + 1 ))
+        printf '%s' "${pad:0:$size}" > "$d/f$i"
+    done
+    snap_timings "$nfiles files"
+    unmount_target sealfs
+    cat "$SNAP_MD"
+    log "results written to $SNAP_MD"
+}
+if [ "$SNAP_ONLY" -eq 1 ]; then
+    run_snapshot_bench
+    exit 0
+fi
 
 # --- the tarball (decompressed once, outside any timing) -----------------------
 make_synthetic_tar() {  # ~5000 files of 0-20 KiB in 200 dirs, deterministic sizes

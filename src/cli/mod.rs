@@ -5,6 +5,7 @@ pub mod helper;
 pub mod key;
 pub mod logging;
 pub mod options;
+mod snapshot;
 pub mod status;
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
@@ -126,6 +127,9 @@ pub enum Cmd {
         /// Mount options, comma-separated (repeatable)
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
+        /// Mount this snapshot, read-only (same as -o snapshot=NAME)
+        #[arg(long, value_name = "NAME")]
+        snapshot: Option<String>,
         /// Internal: run as the background daemon started by `sealfs mount`
         #[arg(long, hide = true)]
         daemon_child: bool,
@@ -178,6 +182,47 @@ pub enum Cmd {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+    },
+    /// Snapshots: create, list, delete (by mountpoint when mounted, by
+    /// store path when not)
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
+    /// Clone a snapshot (STORE@SNAPSHOT), or a store that is not mounted,
+    /// into a new, independent store. Without --reencrypt the clone shares
+    /// the chunk objects (hard links on the same file system, else copies)
+    /// and the data key of its origin; --kms-key only re-wraps that key.
+    /// --reencrypt gives it a fresh data key and re-seals every chunk.
+    ///
+    /// Example: sealfs clone /srv/photos.store@before-cleanup /srv/copy.store --kms-key alias/other
+    Clone {
+        /// STORE@SNAPSHOT, or STORE for its live state (not mounted)
+        source: String,
+        /// New store directory (missing or empty)
+        dest: PathBuf,
+        /// Master key for the clone's content key [default: the origin's]
+        #[arg(long, value_name = "KEY")]
+        kms_key: Option<String>,
+        /// Fresh content key; decrypt and re-seal every chunk (copies)
+        #[arg(long)]
+        reencrypt: bool,
+    },
+    /// Remove objects that neither the live volume nor any snapshot
+    /// references (left by crashes). Safe while mounted: it then runs in
+    /// the mount's daemon. TARGET is a store or a mountpoint.
+    ///
+    /// Example: sealfs gc /srv/photos.store
+    Gc { target: PathBuf },
+    /// Verify every object and record of a store (live volume and every
+    /// snapshot); list missing, damaged and orphaned objects with the
+    /// files they affect. Exits non-zero when anything is wrong. The store
+    /// must not be mounted.
+    ///
+    /// Example: sealfs fsck /srv/photos.store
+    Fsck {
+        store: PathBuf,
+        /// Remove orphaned objects (never anything a state references)
+        #[arg(long)]
+        repair: bool,
     },
     /// Show a volume's id, keys, chunk size and usage
     ///
@@ -269,10 +314,14 @@ fn run(cli: Cli) -> Result<()> {
             store,
             mountpoint,
             foreground,
-            options,
+            mut options,
+            snapshot,
             daemon_child,
             fake,
         } => {
+            if let Some(s) = snapshot {
+                options.push(format!("snapshot={s}"));
+            }
             if fake {
                 return check_mount(&g, &store, &mountpoint, &options).map(|_| ());
             }
@@ -283,6 +332,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Status { json } => cmd_status(json),
         Cmd::Rewrap { store, kms_key } => cmd_rewrap(&g, &store, kms_key.as_deref()),
         Cmd::Rekey { store, kms_key } => cmd_rekey(&g, &store, kms_key.as_deref()),
+        Cmd::Snapshot(c) => snapshot::cmd_snapshot(&g, c),
+        Cmd::Clone {
+            source,
+            dest,
+            kms_key,
+            reencrypt,
+        } => snapshot::cmd_clone(&g, &source, &dest, kms_key, reencrypt),
+        Cmd::Gc { target } => snapshot::cmd_gc(&g, &target),
+        Cmd::Fsck { store, repair } => snapshot::cmd_fsck(&g, &store, repair),
     }
 }
 
@@ -565,6 +623,10 @@ fn check_mount(
     for r in raw_opts {
         options::parse_into(&mut o, r).map_err(|e| anyhow!(e))?;
     }
+    if o.snapshot.is_some() {
+        // a snapshot is read-only, whatever else the options say
+        o.read_only = true;
+    }
     let mut g = g.clone();
     if o.keystore.is_some() {
         g.keystore = o.keystore.clone();
@@ -686,6 +748,7 @@ fn cmd_mount(
 fn open_volume(store: &Path, ks: &Keystore, o: &MountOpts) -> Result<Arc<Volume>> {
     let vo = OpenOptions2 {
         read_only: o.read_only,
+        snapshot: o.snapshot.clone(),
         cache_bytes: o.cache_mib << 20,
         dirty_bytes: o.dirty_mib << 20,
         ..Default::default()

@@ -25,6 +25,8 @@ pub struct MountOpts {
     pub log: Option<PathBuf>,
     pub debug: bool,
     pub nonempty: bool,
+    /// Mount this snapshot (read-only).
+    pub snapshot: Option<String>,
 }
 
 impl Default for MountOpts {
@@ -50,6 +52,7 @@ impl Default for MountOpts {
             log: None,
             debug: false,
             nonempty: false,
+            snapshot: None,
         }
     }
 }
@@ -157,9 +160,11 @@ pub fn parse_into(opts: &mut MountOpts, list: &str) -> Result<(), String> {
             "passphrase_file" => opts.passphrase_file = Some(need(v)?.into()),
             "log" => opts.log = Some(need(v)?.into()),
             "snapshot" => {
-                return Err(format!(
-                    "mount option '{o}': snapshots are not available in this version of sealfs"
-                ))
+                let name = need(v)?;
+                if crate::volume::snapshot::check_snapshot_name(&name).is_err() {
+                    return Err(format!("mount option '{o}': invalid snapshot name"));
+                }
+                opts.snapshot = Some(name);
             }
             "threads" => opts.threads = num(v, 1, 64)? as usize,
             "cache_size" => opts.cache_mib = num(v, 1, 65536)? as usize,

@@ -340,7 +340,7 @@ impl Filesystem for SealFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.vol.is_read_only() && (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY {
+        if self.vol.read_only_ino(ino.0) && (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
         }
         // While the content key is revoked, refuse opening for writing: with

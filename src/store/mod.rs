@@ -148,6 +148,12 @@ impl LocalDirStore {
         })
     }
 
+    /// The file of an object (for `sealfs clone`, which hard-links or
+    /// copies immutable chunk objects into a new store).
+    pub fn object_path(&self, kind: Kind, name: &str) -> io::Result<PathBuf> {
+        self.path(kind, name)
+    }
+
     fn path(&self, kind: Kind, name: &str) -> io::Result<PathBuf> {
         if !valid_name(name) {
             return Err(bad_name(name));
@@ -205,7 +211,13 @@ impl ObjectStore for LocalDirStore {
 
     fn delete(&self, kind: Kind, name: &str) -> io::Result<()> {
         let p = self.path(kind, name)?;
-        if kind == Kind::Chunk {
+        // A chunk hard-linked into a clone (`sealfs clone`) is shared: it
+        // must only be unlinked here, never truncated and reused.
+        let shared = || {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&p).map(|m| m.nlink() > 1).unwrap_or(false)
+        };
+        if kind == Kind::Chunk && !shared() {
             let mut r = self.recycle.lock();
             if r.free.len() < RECYCLE_MAX {
                 let to = self.root.join(RECYCLE_DIR).join(format!("r{}", r.next));
@@ -298,6 +310,13 @@ mod tests {
         assert_eq!(fs::read_dir(d.path().join(RECYCLE_DIR)).unwrap().count(), 0);
         drop(s);
         let s = LocalDirStore::open(d.path()).unwrap();
+        // a hard-linked chunk (shared with a clone) is unlinked, not recycled
+        s.put(Kind::Chunk, "abcd02", b"shared", false).unwrap();
+        let other = d.path().join("clone-of-abcd02");
+        fs::hard_link(s.object_path(Kind::Chunk, "abcd02").unwrap(), &other).unwrap();
+        s.delete(Kind::Chunk, "abcd02").unwrap();
+        assert_eq!(fs::read(&other).unwrap(), b"shared");
+        assert_eq!(fs::read_dir(d.path().join(RECYCLE_DIR)).unwrap().count(), 0);
         assert!(s.put(Kind::Meta, "../evil", b"", true).is_err());
         assert!(s.put(Kind::Meta, ".hidden", b"", true).is_err());
         assert_eq!(s.usage(Kind::Meta).unwrap(), (1, 1));

@@ -10,8 +10,10 @@ use crate::crypto::{self, AeadKey, Key32, TAG_LEN};
 use crate::kms::WrappedKey;
 
 /// Store format version (of the header), checked on every open. Version 2
-/// added the re-key state to the header; version 1 headers are still read.
-pub const FORMAT_VERSION: u16 = 2;
+/// added the re-key state to the header, version 3 the data id (clones)
+/// and snapshot manifests; version 1 and 2 headers are still read and are
+/// rewritten as version 3 by the first read-write open.
+pub const FORMAT_VERSION: u16 = 3;
 /// Version of chunk objects, journal records and checkpoints (unchanged
 /// since store format 1).
 pub const OBJECT_VERSION: u16 = 1;
@@ -23,6 +25,8 @@ pub const CHUNK_MAGIC: &[u8; 4] = b"SFCK";
 pub const JOURNAL_MAGIC: &[u8; 4] = b"SFJR";
 /// Magic of a checkpoint.
 pub const CHECKPOINT_MAGIC: &[u8; 4] = b"SFCP";
+/// Magic of a snapshot manifest.
+pub const SNAPSHOT_MAGIC: &[u8; 4] = b"SFSN";
 /// Plaintext bytes per checkpoint frame.
 pub const CHECKPOINT_FRAME: usize = 1 << 20;
 /// Largest header we accept.
@@ -167,6 +171,10 @@ pub struct HeaderBody {
     /// Set while a full re-key (`sealfs rekey`) is under way: the previous
     /// content key, still needed for objects not yet re-encrypted.
     pub rekey: Option<RekeyState>,
+    /// The id bound into the associated data of chunk objects and inline
+    /// content (format 3). Equal to `store_id` except in a clone that
+    /// shares its origin's chunk objects, where it is the origin's.
+    pub data_id: [u8; 16],
 }
 
 /// The previous content key during a re-key.
@@ -190,6 +198,27 @@ struct HeaderBodyV1 {
     content_gen: u32,
 }
 
+/// Header body of store format version 2 (no data id).
+#[derive(Deserialize)]
+struct HeaderBodyV2 {
+    store_id: [u8; 16],
+    created: u64,
+    chunk_size: u32,
+    inline_max: u32,
+    vmk: WrappedKey,
+    vck: WrappedKey,
+    content_gen: u32,
+    rekey: Option<RekeyState>,
+}
+
+/// The format version of an encoded header (0 when it is not one).
+pub fn header_version(data: &[u8]) -> u16 {
+    if data.len() < 10 || &data[..8] != HEADER_MAGIC {
+        return 0;
+    }
+    u16::from_le_bytes([data[8], data[9]])
+}
+
 /// Encode the header: `magic ‖ version ‖ body_len ‖ body ‖ HMAC`.
 pub fn encode_header(body: &HeaderBody, mac_key: &Key32) -> Vec<u8> {
     let b = postcard::to_stdvec(body).expect("serializable");
@@ -211,7 +240,7 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
         return Err(bad("not a sealfs store header (bad magic or too short)"));
     }
     let version = u16::from_le_bytes([data[8], data[9]]);
-    if version != FORMAT_VERSION && version != 1 {
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::Version {
             found: version,
             supported: FORMAT_VERSION,
@@ -224,9 +253,9 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
         ));
     }
     let raw = &data[14..14 + len];
+    let unparsable = |_| bad("store header body does not parse");
     let body: HeaderBody = if version == 1 {
-        let v: HeaderBodyV1 =
-            postcard::from_bytes(raw).map_err(|_| bad("store header body does not parse"))?;
+        let v: HeaderBodyV1 = postcard::from_bytes(raw).map_err(unparsable)?;
         HeaderBody {
             store_id: v.store_id,
             created: v.created,
@@ -236,6 +265,20 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
             vck: v.vck,
             content_gen: v.content_gen,
             rekey: None,
+            data_id: v.store_id,
+        }
+    } else if version == 2 {
+        let v: HeaderBodyV2 = postcard::from_bytes(raw).map_err(unparsable)?;
+        HeaderBody {
+            store_id: v.store_id,
+            created: v.created,
+            chunk_size: v.chunk_size,
+            inline_max: v.inline_max,
+            vmk: v.vmk,
+            vck: v.vck,
+            content_gen: v.content_gen,
+            rekey: v.rekey,
+            data_id: v.store_id,
         }
     } else {
         postcard::from_bytes(raw).map_err(|_| bad("store header body does not parse"))?
@@ -450,20 +493,21 @@ fn checkpoint_ad(store_id: &[u8; 16], seq: u64, index: u32, last: bool) -> Vec<u
     ad
 }
 
-/// Seal a checkpoint in STREAM-style frames:
-/// `magic ‖ version ‖ seq ‖ frames`, each frame `len(u32) ‖ nonce ‖ ct ‖ tag`.
-/// Returns the object and the tag of its last frame.
-pub fn seal_checkpoint(
+/// Seal `plain` in STREAM-style frames:
+/// `magic ‖ version ‖ num ‖ frames`, each frame `len(u32) ‖ nonce ‖ ct ‖ tag`,
+/// with associated data `ad(frame index, last)`. Returns the object and
+/// the tag of its last frame.
+fn seal_framed(
     key: &AeadKey,
-    store_id: &[u8; 16],
-    seq: u64,
-    body: &CheckpointBody,
+    magic: &[u8; 4],
+    num: u64,
+    plain: &[u8],
+    ad: impl Fn(u32, bool) -> Vec<u8>,
 ) -> (Vec<u8>, [u8; TAG_LEN]) {
-    let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
     let mut out = Vec::with_capacity(plain.len() + 64);
-    out.extend_from_slice(CHECKPOINT_MAGIC);
+    out.extend_from_slice(magic);
     out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&num.to_le_bytes());
     let frames: Vec<&[u8]> = if plain.is_empty() {
         vec![&[][..]]
     } else {
@@ -472,12 +516,73 @@ pub fn seal_checkpoint(
     let n = frames.len();
     let mut tag = [0u8; TAG_LEN];
     for (i, f) in frames.into_iter().enumerate() {
-        let sealed = key.seal(&checkpoint_ad(store_id, seq, i as u32, i + 1 == n), f);
+        let sealed = key.seal(&ad(i as u32, i + 1 == n), f);
         tag = crypto::tag_of(&sealed);
         out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         out.extend_from_slice(&sealed);
     }
     (out, tag)
+}
+
+/// Open an object sealed by [`seal_framed`] that must carry `num`; `what`
+/// names it in errors ("checkpoint 7").
+fn open_framed(
+    key: &AeadKey,
+    magic: &[u8; 4],
+    what: &str,
+    num: u64,
+    data: &[u8],
+    ad: impl Fn(u32, bool) -> Vec<u8>,
+) -> Result<(zeroize::Zeroizing<Vec<u8>>, [u8; TAG_LEN]), FormatError> {
+    if data.len() < 14 || &data[..4] != magic {
+        return Err(bad(format!("{what} has a bad header")));
+    }
+    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
+        return Err(bad(format!("{what} has an unknown format version")));
+    }
+    if u64::from_le_bytes(data[6..14].try_into().expect("8")) != num {
+        return Err(bad(format!("{what} carries another number")));
+    }
+    let mut plain = zeroize::Zeroizing::new(Vec::new());
+    let mut pos = 14;
+    let mut index = 0u32;
+    loop {
+        if data.len() < pos + 4 {
+            return Err(bad(format!("{what} is truncated")));
+        }
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
+        pos += 4;
+        if data.len() < pos + len {
+            return Err(bad(format!("{what} is truncated")));
+        }
+        let frame = &data[pos..pos + len];
+        pos += len;
+        let last = pos == data.len();
+        let p = key.open(&ad(index, last), frame).map_err(|_| {
+            bad(format!(
+                "{what} frame {index} failed authentication (modified, truncated or reordered)"
+            ))
+        })?;
+        plain.extend_from_slice(&p);
+        if last {
+            return Ok((plain, crypto::tag_of(frame)));
+        }
+        index += 1;
+    }
+}
+
+/// Seal a checkpoint (see [`seal_framed`]). Returns the object and the tag
+/// of its last frame.
+pub fn seal_checkpoint(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    seq: u64,
+    body: &CheckpointBody,
+) -> (Vec<u8>, [u8; TAG_LEN]) {
+    let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
+    seal_framed(key, CHECKPOINT_MAGIC, seq, &plain, |i, last| {
+        checkpoint_ad(store_id, seq, i, last)
+    })
 }
 
 /// Open a checkpoint that must have sequence number `seq`; returns the body
@@ -488,48 +593,62 @@ pub fn open_checkpoint(
     seq: u64,
     data: &[u8],
 ) -> Result<(CheckpointBody, [u8; TAG_LEN]), FormatError> {
-    if data.len() < 14 || &data[..4] != CHECKPOINT_MAGIC {
-        return Err(bad(format!("checkpoint {seq} has a bad header")));
-    }
-    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
-        return Err(bad(format!(
-            "checkpoint {seq} has an unknown format version"
-        )));
-    }
-    if u64::from_le_bytes(data[6..14].try_into().expect("8")) != seq {
-        return Err(bad(format!(
-            "checkpoint {seq} carries another sequence number"
-        )));
-    }
-    let mut plain = zeroize::Zeroizing::new(Vec::new());
-    let mut pos = 14;
-    let mut index = 0u32;
-    let tag;
-    loop {
-        if data.len() < pos + 4 {
-            return Err(bad(format!("checkpoint {seq} is truncated")));
-        }
-        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
-        pos += 4;
-        if data.len() < pos + len {
-            return Err(bad(format!("checkpoint {seq} is truncated")));
-        }
-        let frame = &data[pos..pos + len];
-        pos += len;
-        let last = pos == data.len();
-        let p = key
-            .open(&checkpoint_ad(store_id, seq, index, last), frame)
-            .map_err(|_| bad(format!("checkpoint {seq} frame {index} failed authentication (modified, truncated or reordered)")))?;
-        plain.extend_from_slice(&p);
-        if last {
-            tag = crypto::tag_of(frame);
-            break;
-        }
-        index += 1;
-    }
-    let body = postcard::from_bytes(&plain)
-        .map_err(|_| bad(format!("checkpoint {seq} does not parse")))?;
+    let what = format!("checkpoint {seq}");
+    let (plain, tag) = open_framed(key, CHECKPOINT_MAGIC, &what, seq, data, |i, last| {
+        checkpoint_ad(store_id, seq, i, last)
+    })?;
+    let body = postcard::from_bytes(&plain).map_err(|_| bad(format!("{what} does not parse")))?;
     Ok((body, tag))
+}
+
+/// A snapshot manifest (`meta/snapshot-<id %016x>`): the whole inode table
+/// of the commit the snapshot was taken at, with its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotBody {
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// The commit sequence number the snapshot froze.
+    pub seq: u64,
+    pub next_ino: u64,
+    pub inodes: Vec<(u64, InodeRecord)>,
+}
+
+fn snapshot_ad(store_id: &[u8; 16], id: u64, index: u32, last: bool) -> Vec<u8> {
+    let mut ad = b"sealfs-snapshot-v1".to_vec();
+    ad.extend_from_slice(store_id);
+    ad.extend_from_slice(&id.to_le_bytes());
+    ad.extend_from_slice(&index.to_le_bytes());
+    ad.push(last as u8);
+    ad
+}
+
+/// Object name of snapshot manifest `id`.
+pub fn snapshot_name(id: u64) -> String {
+    format!("snapshot-{id:016x}")
+}
+
+/// Seal a snapshot manifest with the metadata key.
+pub fn seal_snapshot(key: &AeadKey, store_id: &[u8; 16], id: u64, body: &SnapshotBody) -> Vec<u8> {
+    let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
+    seal_framed(key, SNAPSHOT_MAGIC, id, &plain, |i, last| {
+        snapshot_ad(store_id, id, i, last)
+    })
+    .0
+}
+
+/// Open snapshot manifest `id`.
+pub fn open_snapshot(
+    key: &AeadKey,
+    store_id: &[u8; 16],
+    id: u64,
+    data: &[u8],
+) -> Result<SnapshotBody, FormatError> {
+    let what = format!("snapshot manifest {id:016x}");
+    let (plain, _) = open_framed(key, SNAPSHOT_MAGIC, &what, id, data, |i, last| {
+        snapshot_ad(store_id, id, i, last)
+    })?;
+    postcard::from_bytes(&plain).map_err(|_| bad(format!("{what} does not parse")))
 }
 
 /// Convert a sorted map into the vector form used on disk.
@@ -696,9 +815,10 @@ mod tests {
             vck: w.clone(),
             content_gen: 1,
             rekey: None,
+            data_id: [4; 16],
         };
         let h = encode_header(&body, &mk);
-        assert_eq!(&h[..10], b"SEALFSV\0\x02\x00");
+        assert_eq!(&h[..10], b"SEALFSV\0\x03\x00");
         assert_eq!(decode_header(&h).unwrap(), body);
         assert!(verify_header(&h, &mk));
         let mut t = h.clone();
@@ -706,10 +826,10 @@ mod tests {
         t[n - 40] ^= 1;
         assert!(!verify_header(&t, &mk));
         let mut v = h.clone();
-        v[8] = 3;
+        v[8] = 4;
         assert!(matches!(
             decode_header(&v),
-            Err(FormatError::Version { found: 3, .. })
+            Err(FormatError::Version { found: 4, .. })
         ));
         assert!(decode_header(&h[..h.len() - 1]).is_err());
         // during a re-key
@@ -723,8 +843,9 @@ mod tests {
     }
 
     #[test]
-    fn version_1_headers_are_read() {
-        // A version 1 header: the same body without the re-key state.
+    fn version_1_and_2_headers_are_read() {
+        // Version 1: the body without the re-key state and data id;
+        // version 2: without the data id (16 trailing bytes).
         let mk = Key32::from_bytes([5u8; 32]);
         let w = WrappedKey {
             key_id: "k".into(),
@@ -740,19 +861,60 @@ mod tests {
             vck: w,
             content_gen: 1,
             rekey: None,
+            data_id: [4; 16],
         };
-        let v2 = encode_header(&body, &mk);
-        // drop the trailing `rekey: None` byte (postcard 0x00) and re-frame
-        let len = u32::from_le_bytes(v2[10..14].try_into().unwrap()) as usize;
-        let old_body = &v2[14..14 + len - 1];
-        assert_eq!(v2[14 + len - 1], 0);
-        let mut v1 = b"SEALFSV\0\x01\x00".to_vec();
-        v1.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
-        v1.extend_from_slice(old_body);
-        let mac = crypto::hmac(&mk, &v1);
-        v1.extend_from_slice(&mac);
-        assert_eq!(decode_header(&v1).unwrap(), body);
-        assert!(verify_header(&v1, &mk));
+        let v3 = encode_header(&body, &mk);
+        assert_eq!(header_version(&v3), 3);
+        let len = u32::from_le_bytes(v3[10..14].try_into().unwrap()) as usize;
+        assert_eq!(&v3[14 + len - 16..14 + len], &[4u8; 16]);
+        assert_eq!(v3[14 + len - 17], 0, "rekey: None");
+        for (version, cut) in [(1u16, 17), (2, 16)] {
+            let old_body = &v3[14..14 + len - cut];
+            let mut old = b"SEALFSV\0".to_vec();
+            old.extend_from_slice(&version.to_le_bytes());
+            old.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
+            old.extend_from_slice(old_body);
+            let mac = crypto::hmac(&mk, &old);
+            old.extend_from_slice(&mac);
+            assert_eq!(header_version(&old), version);
+            assert_eq!(decode_header(&old).unwrap(), body, "version {version}");
+            assert!(verify_header(&old, &mk));
+        }
+    }
+
+    #[test]
+    fn snapshot_manifests() {
+        let k = key();
+        let sid = [1u8; 16];
+        let body = SnapshotBody {
+            name: "nightly".into(),
+            created: 5,
+            seq: 9,
+            next_ino: 3,
+            inodes: vec![(1, sample_record()), (2, sample_record())],
+        };
+        let obj = seal_snapshot(&k, &sid, 77, &body);
+        assert_eq!(&obj[..4], SNAPSHOT_MAGIC);
+        assert_eq!(open_snapshot(&k, &sid, 77, &obj).unwrap(), body);
+        // renamed, moved to another store, truncated or modified: refused
+        assert!(open_snapshot(&k, &sid, 78, &obj).is_err());
+        assert!(open_snapshot(&k, &[2u8; 16], 77, &obj).is_err());
+        assert!(open_snapshot(&k, &sid, 77, &obj[..obj.len() - 1]).is_err());
+        let mut bad = obj.clone();
+        bad[30] ^= 1;
+        assert!(open_snapshot(&k, &sid, 77, &bad).is_err());
+        // a checkpoint is not a snapshot manifest
+        let (c, _) = seal_checkpoint(
+            &k,
+            &sid,
+            77,
+            &CheckpointBody {
+                next_ino: 3,
+                inodes: body.inodes.clone(),
+            },
+        );
+        assert!(open_snapshot(&k, &sid, 77, &c).is_err());
+        assert_eq!(snapshot_name(0x4d), "snapshot-000000000000004d");
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! journal record that refers to them, and only then are replaced objects
 //! deleted.
 
+pub mod clone;
 pub mod format;
+pub mod fsck;
+pub mod snapshot;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +33,10 @@ use crate::kms::{self, Keystore, KmsError};
 use crate::store::{self, Kind, LocalDirStore, ObjectStore};
 use format::*;
 pub use format::{FileKind, Timespec};
+pub use snapshot::{
+    is_virtual, GcReport, SnapshotError, SnapshotInfo, SNAPDIR_INO, SNAPDIR_NAME, XATTR_GC,
+    XATTR_SNAPSHOT,
+};
 use state::{FileData, Inode, InodeData, State};
 
 /// Name of the header object in a store directory.
@@ -168,6 +175,8 @@ pub struct OpenOptions2 {
     /// Directory for local state (last seen commit per volume); None disables
     /// rollback detection.
     pub state_dir: Option<PathBuf>,
+    /// Open this snapshot (read-only) instead of the live state.
+    pub snapshot: Option<String>,
 }
 
 impl Default for OpenOptions2 {
@@ -177,6 +186,7 @@ impl Default for OpenOptions2 {
             cache_bytes: 256 << 20,
             dirty_bytes: 512 << 20,
             state_dir: Some(default_state_dir()),
+            snapshot: None,
         }
     }
 }
@@ -281,6 +291,9 @@ struct FlushJob {
     result: io::Result<()>,
 }
 
+/// Called by a commit with the state it writes and its sequence number.
+type Capture<'a> = dyn FnMut(&State, u64) + 'a;
+
 /// rename(2) flags.
 pub const RENAME_NOREPLACE: u32 = 1;
 /// rename(2) flags.
@@ -312,6 +325,10 @@ pub struct Volume {
     stop_bg: Arc<AtomicBool>,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Snapshots of the store (see `snapshot.rs`).
+    snaps: RwLock<snapshot::Snaps>,
+    /// Opened as a snapshot (`--snapshot`): read-only, no `.snapshots`.
+    snapshot_view: bool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -510,7 +527,12 @@ fn rewrap_header(
             vck,
         )?;
     }
-    if new != *hdr {
+    // Older formats are upgraded by the first header write (format 3 adds
+    // the data id; see docs/FORMAT.md).
+    let on_disk = fs::read(root.join(HEADER_FILE))
+        .map(|d| header_version(&d))
+        .unwrap_or(0);
+    if new != *hdr || on_disk < FORMAT_VERSION {
         let mac_key = vmk.derive(LABEL_HEADER_MAC);
         store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
             .map_err(io_at(root))?;
@@ -578,6 +600,7 @@ impl Volume {
             vck: wvck,
             content_gen: 1,
             rekey: None,
+            data_id: store_id,
         };
         let (meta_key, mac_key, _content) = derive_keys(&vmk, &vck);
         let now = Timespec::now();
@@ -649,6 +672,22 @@ impl Volume {
         let _lock = lock_store(root)?;
         let (hdr, vmk, vck) = read_header(root, ks)?;
         vck?;
+        // Snapshots hold chunks under the current content key: a re-key
+        // would have to keep that key or rewrite every snapshot. Refuse.
+        let snaps = LocalDirStore::open(root)
+            .and_then(|s| s.list(Kind::Meta))
+            .map_err(io_at(root))?
+            .iter()
+            .filter(|n| parse_seq(n, "snapshot").is_some())
+            .count();
+        if snaps > 0 {
+            return Err(OpenError::Kms(KmsError::Refused(format!(
+                "{} has {snaps} snapshot(s), which keep chunks under the current content key; \
+                 delete them first (`sealfs snapshot delete`), or make a fully re-encrypted copy \
+                 with `sealfs clone --reencrypt`",
+                root.display()
+            ))));
+        }
         if hdr.rekey.is_some() {
             if let Some(k) = kms_key {
                 let want = ks.resolve(k)?.id.clone();
@@ -692,7 +731,7 @@ impl Volume {
         if keys.old.is_none() {
             return Ok(());
         }
-        let sid = self.hdr.store_id;
+        let sid = self.hdr.data_id;
         let todo: Vec<(u64, u64, ChunkRef)> = {
             let mut st = self.state.lock();
             let mut v = Vec::new();
@@ -804,7 +843,9 @@ impl Volume {
             created: hdr.created,
             chunk_size: hdr.chunk_size,
             inline_max: hdr.inline_max,
-            format_version: FORMAT_VERSION,
+            format_version: fs::read(root.join(HEADER_FILE))
+                .map(|d| header_version(&d))
+                .unwrap_or(FORMAT_VERSION),
             metadata_key: (hdr.vmk.key_id.clone(), hdr.vmk.key_version),
             content_key: (hdr.vck.key_id.clone(), hdr.vck.key_version),
             content_gen: hdr.content_gen,
@@ -874,7 +915,7 @@ impl Volume {
         let mut st = State::new();
         st.next_ino = ckpt.next_ino;
         for (ino, rec) in ckpt.inodes {
-            let inode = Inode::from_record(ino, rec, &ckeys, &hdr.store_id)
+            let inode = Inode::from_record(ino, rec, &ckeys, &hdr.data_id)
                 .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
             st.inodes.insert(ino, inode);
         }
@@ -893,7 +934,7 @@ impl Volume {
             let (body, t) = open_journal(&meta_key, &hdr.store_id, j, &tag, &data)
                 .map_err(|e| meta_err(e.to_string()))?;
             for (ino, rec) in body.upserts {
-                let inode = Inode::from_record(ino, rec, &ckeys, &hdr.store_id)
+                let inode = Inode::from_record(ino, rec, &ckeys, &hdr.data_id)
                     .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
                 st.inodes.insert(ino, inode);
             }
@@ -930,6 +971,39 @@ impl Volume {
                 }
             }
         }
+        // A snapshot mount shows the snapshot's tree instead (after the
+        // live chain passed the rollback check above).
+        let mut snap_state = None;
+        if let Some(name) = &opts.snapshot {
+            let id = names
+                .iter()
+                .filter_map(|n| parse_seq(n, "snapshot"))
+                .find_map(|id| {
+                    let d = store.get(Kind::Meta, &snapshot_name(id)).ok()?;
+                    let b = open_snapshot(&meta_key, &hdr.store_id, id, &d).ok()?;
+                    (b.name == *name).then_some(b)
+                });
+            let Some(body) = id else {
+                return Err(meta_err(format!(
+                    "there is no snapshot named {name:?}; see `sealfs snapshot list {}`",
+                    root.display()
+                )));
+            };
+            let mut vs = State::new();
+            vs.next_ino = body.next_ino;
+            vs.seq = body.seq;
+            for (ino, rec) in body.inodes {
+                let inode = Inode::from_record(ino, rec, &ckeys, &hdr.data_id)
+                    .map_err(|e| meta_err(format!("snapshot {name:?}, inode {ino}: {e}")))?;
+                vs.inodes.insert(ino, inode);
+            }
+            if !vs.inodes.contains_key(&ROOT_INO) {
+                return Err(meta_err(format!("snapshot {name:?} has no root directory")));
+            }
+            snap_state = Some(vs);
+        }
+        let snapshot_view = snap_state.is_some();
+        let st = snap_state.unwrap_or(st);
         let cache_entries = (opts.cache_bytes / hdr.chunk_size as usize).max(16);
         let vol = Arc::new(Volume {
             root: root.to_path_buf(),
@@ -944,16 +1018,21 @@ impl Volume {
                 NonZeroUsize::new(cache_entries).expect("nonzero"),
             )),
             _lock: lock,
-            read_only: opts.read_only,
+            read_only: opts.read_only || snapshot_view,
             dirty_limit: opts.dirty_bytes.max(1 << 20),
             state_file,
             closed: AtomicBool::new(false),
             stop_bg: Arc::new(AtomicBool::new(false)),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            snaps: RwLock::new(Default::default()),
+            snapshot_view,
             hdr,
         });
         vol.record_seq(seq);
+        if !snapshot_view {
+            vol.load_snapshots(&names);
+        }
         if !vol.read_only {
             // Remove records and checkpoints a crash left behind after a
             // newer checkpoint was written, and temp files of torn writes.
@@ -1080,7 +1159,7 @@ impl Volume {
         let mut st = self.state.lock();
         if let Some(keys) = self.content_key.lock().take() {
             let key = keys.cur.1;
-            let sid = self.hdr.store_id;
+            let sid = self.hdr.data_id;
             for (ino, inode) in st.inodes.iter_mut() {
                 if let InodeData::File(fd) = &mut inode.data {
                     if let Some(mut v) = fd.inline.take() {
@@ -1106,7 +1185,7 @@ impl Volume {
             return Ok(());
         }
         let mut st = self.state.lock();
-        let sid = self.hdr.store_id;
+        let sid = self.hdr.data_id;
         let mut opened = Vec::new();
         for (ino, inode) in st.inodes.iter() {
             if let InodeData::File(FileData {
@@ -1139,12 +1218,16 @@ impl Volume {
     /// Inode numbers of all regular files (to drop the kernel's cached
     /// pages of each after a revocation).
     pub fn file_inodes(&self) -> Vec<u64> {
-        let st = self.state.lock();
-        st.inodes
-            .iter()
-            .filter(|(_, i)| i.kind == FileKind::File)
-            .map(|(&n, _)| n)
-            .collect()
+        let mut v: Vec<u64> = {
+            let st = self.state.lock();
+            st.inodes
+                .iter()
+                .filter(|(_, i)| i.kind == FileKind::File)
+                .map(|(&n, _)| n)
+                .collect()
+        };
+        v.extend(self.snapshot_file_inodes());
+        v
     }
 
     /// Bytes read and written through the volume since it was opened.
@@ -1201,6 +1284,18 @@ impl Volume {
             return Ok(());
         }
         let _c = self.commit_lock.lock();
+        self.commit_locked(checkpoint, None)
+    }
+
+    /// [`Volume::commit`] with the commit lock held. `capture(state, seq)`
+    /// is called with the state lock held at the instant the state equals
+    /// the commit being written (for snapshots); if the commit then fails,
+    /// the error is returned.
+    fn commit_locked(
+        &self,
+        checkpoint: bool,
+        mut capture: Option<&mut Capture<'_>>,
+    ) -> FsResult<()> {
         let mut st = self.state.lock();
         let due = checkpoint
             || st.records_since_ckpt >= CHECKPOINT_RECORDS
@@ -1212,6 +1307,10 @@ impl Volume {
             && st.pending_free.is_empty()
             && !(checkpoint && st.records_since_ckpt > 0)
         {
+            if let Some(c) = capture.as_mut() {
+                let seq = st.seq;
+                c(&st, seq);
+            }
             return Ok(());
         }
         // 1. Write every dirty chunk: encrypt outside the lock (in parallel),
@@ -1235,6 +1334,7 @@ impl Volume {
         let seq = st.seq + 1;
         let prev = st.last_tag;
         let sid = self.hdr.store_id;
+        let did = self.hdr.data_id;
         let ckeys = self.content_key.lock().clone();
         let ckey = ckeys.as_ref().map(|k| k.cur.1.clone());
         let (obj, name, is_ckpt) = if due {
@@ -1242,7 +1342,7 @@ impl Volume {
                 .inodes
                 .iter()
                 .filter(|(_, i)| i.persistent())
-                .map(|(&n, i)| (n, i.to_record(n, ckey.as_deref(), &sid)))
+                .map(|(&n, i)| (n, i.to_record(n, ckey.as_deref(), &did)))
                 .collect();
             let body = CheckpointBody {
                 next_ino: st.next_ino,
@@ -1256,7 +1356,7 @@ impl Volume {
             for ino in &dirty {
                 match st.inodes.get(ino) {
                     Some(i) if i.persistent() => {
-                        upserts.push((*ino, i.to_record(*ino, ckey.as_deref(), &sid)))
+                        upserts.push((*ino, i.to_record(*ino, ckey.as_deref(), &did)))
                     }
                     _ => deletes.push(*ino),
                 }
@@ -1271,6 +1371,9 @@ impl Volume {
             let (obj, _) = seal_journal(&self.meta_key, &sid, seq, &prev, &body);
             (obj, journal_name(seq), false)
         };
+        if let Some(c) = capture.as_mut() {
+            c(&st, seq);
+        }
         let saved_dirty = std::mem::take(&mut st.dirty);
         let saved_deleted = std::mem::take(&mut st.deleted);
         let frees = std::mem::take(&mut st.pending_free);
@@ -1311,9 +1414,12 @@ impl Volume {
         }
         drop(st);
         self.record_seq(seq);
-        // 3. Free what the committed state no longer references.
+        // 3. Free what the committed state no longer references, unless a
+        // snapshot still holds it (copy-on-write).
         for id in frees {
-            let _ = self.store.delete(Kind::Chunk, &hex::encode(id));
+            if !self.snapshot_holds(&id) {
+                let _ = self.store.delete(Kind::Chunk, &hex::encode(id));
+            }
         }
         if is_ckpt {
             let _ = self.store.delete(Kind::Meta, &checkpoint_name(old_ckpt));
@@ -1361,8 +1467,8 @@ impl Volume {
         // During a re-key a chunk may still be under the previous key.
         let gen = chunk_gen(&data).unwrap_or(keys.cur.0);
         let key = keys.for_gen(gen).unwrap_or(&keys.cur.1);
-        let plain = open_chunk(key, &self.hdr.store_id, &r.id, gen, r.len as usize, &data)
-            .map_err(|e| {
+        let plain =
+            open_chunk(key, &self.hdr.data_id, &r.id, gen, r.len as usize, &data).map_err(|e| {
                 log::error!("chunk {}: {e}", r.name());
                 FsError::IO
             })?;
@@ -1399,7 +1505,7 @@ impl Volume {
                 continue;
             };
             let id: [u8; 16] = crypto::random_bytes();
-            let obj = seal_chunk(&keys.cur.1, &self.hdr.store_id, &id, keys.cur.0, &buf);
+            let obj = seal_chunk(&keys.cur.1, &self.hdr.data_id, &id, keys.cur.0, &buf);
             if let Err(e) = self.store.put(Kind::Chunk, &hex::encode(id), &obj, false) {
                 log::error!("writing a chunk to {} failed: {e}", self.root.display());
                 result = Err(FsError::from(e));
@@ -1500,7 +1606,7 @@ impl Volume {
                     ));
                     continue;
                 };
-                let obj = seal_chunk(&keys.cur.1, &self.hdr.store_id, &j.id, keys.cur.0, &j.data);
+                let obj = seal_chunk(&keys.cur.1, &self.hdr.data_id, &j.id, keys.cur.0, &j.data);
                 j.result = self.store.put(Kind::Chunk, &hex::encode(j.id), &obj, false);
             }
         };
@@ -1589,6 +1695,9 @@ impl Volume {
 
     /// Look up `name` in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if let Some(r) = self.virt_lookup(parent, name) {
+            return r;
+        }
         let st = self.state.lock();
         let ino = st.lookup(parent, name)?;
         let i = st.get(ino)?;
@@ -1597,12 +1706,16 @@ impl Volume {
 
     /// Attributes of an inode.
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        if is_virtual(ino) {
+            return self.virt_getattr(ino);
+        }
         let st = self.state.lock();
         Ok(self.attr_of(ino, st.get(ino)?))
     }
 
     /// Change attributes (chmod, chown, truncate, utimensat).
     pub fn setattr(&self, ino: u64, s: &SetAttr) -> FsResult<Attr> {
+        self.check_changeable(ino, None)?;
         self.check_writable()?;
         let _content = match s.size {
             Some(_) => Some(self.content_guard()?),
@@ -1647,6 +1760,9 @@ impl Volume {
 
     /// Target of a symlink.
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        if is_virtual(ino) {
+            return self.virt_readlink(ino);
+        }
         let st = self.state.lock();
         match &st.get(ino)?.data {
             InodeData::Symlink(t) => Ok(t.clone()),
@@ -1656,6 +1772,9 @@ impl Volume {
 
     /// Entries of a directory, including `.` and `..`.
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, FileKind, Vec<u8>)>> {
+        if is_virtual(ino) {
+            return self.virt_readdir(ino);
+        }
         let st = self.state.lock();
         let i = st.get(ino)?;
         let InodeData::Dir { parent, entries } = &i.data else {
@@ -1700,6 +1819,7 @@ impl Volume {
     ) -> FsResult<Attr> {
         self.check_writable()?;
         Self::check_name(name)?;
+        self.check_changeable(parent, Some(name))?;
         let mut st = self.state.lock();
         let now = Timespec::now();
         let p = st.get(parent)?;
@@ -1757,6 +1877,9 @@ impl Volume {
 
     /// Create a directory.
     pub fn mkdir(&self, parent: u64, name: &[u8], perm: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        if let Some(r) = self.virt_mkdir(parent, name) {
+            return r;
+        }
         self.new_child(parent, name, |_ino, p, now| {
             let sgid = p.perm & 0o2000 != 0;
             let gid = if sgid { p.gid } else { gid };
@@ -1791,6 +1914,8 @@ impl Volume {
 
     /// Add a hard link.
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
+        self.check_changeable(ino, None)?;
+        self.check_changeable(newparent, Some(newname))?;
         self.check_writable()?;
         Self::check_name(newname)?;
         let mut st = self.state.lock();
@@ -1856,6 +1981,7 @@ impl Volume {
 
     /// Remove a non-directory entry.
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_changeable(parent, Some(name))?;
         self.check_writable()?;
         let mut st = self.state.lock();
         let now = Timespec::now();
@@ -1870,6 +1996,10 @@ impl Volume {
 
     /// Remove an empty directory.
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        if let Some(r) = self.virt_rmdir(parent, name) {
+            return r;
+        }
+        self.check_changeable(parent, Some(name))?;
         self.check_writable()?;
         if name == b"." {
             return Err(FsError::INVAL);
@@ -1900,6 +2030,8 @@ impl Volume {
         newname: &[u8],
         flags: u32,
     ) -> FsResult<()> {
+        self.check_changeable(parent, Some(name))?;
+        self.check_changeable(newparent, Some(newname))?;
         self.check_writable()?;
         Self::check_name(newname)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
@@ -2015,6 +2147,9 @@ impl Volume {
 
     /// Note that `ino` was opened.
     pub fn open_file(&self, ino: u64) -> FsResult<()> {
+        if is_virtual(ino) {
+            return self.virt_getattr(ino).map(|_| ());
+        }
         let mut st = self.state.lock();
         st.get(ino)?;
         *st.opens.entry(ino).or_insert(0) += 1;
@@ -2024,6 +2159,9 @@ impl Volume {
     /// Note that one open of `ino` was closed; an unlinked inode goes away
     /// with its last close.
     pub fn release_file(&self, ino: u64) {
+        if is_virtual(ino) {
+            return;
+        }
         let mut st = self.state.lock();
         let left = match st.opens.get_mut(&ino) {
             Some(n) => {
@@ -2042,6 +2180,9 @@ impl Volume {
 
     /// Read up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        if is_virtual(ino) {
+            return self.virt_read(ino, off, size);
+        }
         let _content = self.content_guard()?;
         for attempt in 0..3 {
             match self.read_once(ino, off, size) {
@@ -2215,6 +2356,7 @@ impl Volume {
 
     /// Write `data` at `off`; returns the bytes written.
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> FsResult<usize> {
+        self.check_changeable(ino, None)?;
         self.check_writable()?;
         let _content = self.content_guard()?;
         if data.is_empty() {
@@ -2395,6 +2537,9 @@ impl Volume {
 
     /// fsync: commit everything (metadata and data) durably.
     pub fn fsync(&self, _ino: u64) -> FsResult<()> {
+        if is_virtual(_ino) {
+            return Ok(());
+        }
         self.commit(false)
     }
 
@@ -2402,6 +2547,7 @@ impl Volume {
     /// sparsely, so this only extends the size); PUNCH_HOLE and ZERO_RANGE
     /// are supported.
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.check_changeable(ino, None)?;
         self.check_writable()?;
         let _content = self.content_guard()?;
         let end = off.checked_add(len).ok_or(FsError::FBIG)?;
@@ -2498,6 +2644,15 @@ impl Volume {
 
     /// lseek(2) with SEEK_DATA / SEEK_HOLE.
     pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> FsResult<u64> {
+        if is_virtual(ino) {
+            let size = self.virt_getattr(ino)?.size;
+            return match whence {
+                _ if off >= size => Err(FsError::NXIO),
+                libc::SEEK_DATA => Ok(off),
+                libc::SEEK_HOLE => Ok(size),
+                _ => Err(FsError::INVAL),
+            };
+        }
         let st = self.state.lock();
         let i = st.get(ino)?;
         let size = i.size;
@@ -2545,6 +2700,9 @@ impl Volume {
 
     /// setxattr(2) with XATTR_CREATE / XATTR_REPLACE.
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if is_virtual(ino) {
+            return self.virt_setxattr(ino, name);
+        }
         self.check_writable()?;
         if name.is_empty() || name.len() > 255 {
             return Err(FsError::RANGE);
@@ -2575,6 +2733,9 @@ impl Volume {
 
     /// getxattr(2).
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        if is_virtual(ino) {
+            return self.virt_getxattr(ino, name);
+        }
         let st = self.state.lock();
         st.get(ino)?
             .xattrs
@@ -2585,6 +2746,9 @@ impl Volume {
 
     /// listxattr(2): NUL-terminated names.
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        if is_virtual(ino) {
+            return self.virt_listxattr(ino);
+        }
         let st = self.state.lock();
         let mut out = Vec::new();
         for k in st.get(ino)?.xattrs.keys() {
@@ -2596,6 +2760,7 @@ impl Volume {
 
     /// removexattr(2).
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        self.check_changeable(ino, None)?;
         self.check_writable()?;
         let mut st = self.state.lock();
         let i = st.get_mut(ino)?;

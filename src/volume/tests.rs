@@ -37,6 +37,7 @@ impl Fixture {
             cache_bytes: 1 << 20,
             dirty_bytes: 1 << 20,
             state_dir: Some(self.dir.path().join("state")),
+            snapshot: None,
         }
     }
 
@@ -685,4 +686,189 @@ fn damaged_chunk_fails_partial_updates_without_changing_the_file() {
     let v = f.open();
     assert_eq!(v.getattr(a.ino).unwrap().size, 12288);
     assert_eq!(store.list(Kind::Chunk).unwrap().len(), 3);
+}
+
+fn chunk_objects(store: &Path) -> std::collections::BTreeSet<String> {
+    LocalDirStore::open(store)
+        .unwrap()
+        .list(Kind::Chunk)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn snapshots_are_copy_on_write_and_survive_reopen() {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    let old: Vec<u8> = (0..5 * 4096).map(|i| (i % 251) as u8).collect();
+    v.write(a.ino, 0, &old).unwrap();
+    v.snapshot_create("s1").unwrap();
+    assert!(matches!(
+        v.snapshot_create("s1"),
+        Err(SnapshotError::Exists(_))
+    ));
+    let held = chunk_objects(&f.store());
+    assert_eq!(held.len(), 5);
+    // overwrite two chunks and commit: the old ones stay for the snapshot
+    v.write(a.ino, 0, &[7u8; 8192]).unwrap();
+    v.commit(false).unwrap();
+    assert_eq!(chunk_objects(&f.store()).len(), 7);
+    let snap = v.virt_lookup(SNAPDIR_INO, b"s1").unwrap().unwrap();
+    let sa = v.lookup(snap.ino, b"a").unwrap();
+    assert!(is_virtual(sa.ino));
+    assert_eq!(read_all(&v, sa.ino), old);
+    assert_eq!(v.write(sa.ino, 0, b"x"), Err(FsError::ROFS));
+    assert_eq!(v.unlink(snap.ino, b"a"), Err(FsError::ROFS));
+    // not listed in the root, reachable by name
+    assert!(!v
+        .readdir(ROOT_INO)
+        .unwrap()
+        .iter()
+        .any(|(_, _, n)| n == SNAPDIR_NAME));
+    assert_eq!(v.lookup(ROOT_INO, SNAPDIR_NAME).unwrap().ino, SNAPDIR_INO);
+    let list = v.snapshot_list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].exclusive, 2 * (4096 + 38));
+    v.close().unwrap();
+    drop(v);
+    // after reopen: still there; deleting frees exactly the two chunks
+    let v = f.open();
+    let snap = v.lookup(SNAPDIR_INO, b"s1").unwrap();
+    assert_eq!(read_all(&v, v.lookup(snap.ino, b"a").unwrap().ino), old);
+    assert_eq!(v.snapshot_delete("s1").unwrap().0, 2);
+    assert!(matches!(
+        v.snapshot_delete("s1"),
+        Err(SnapshotError::Unknown(_))
+    ));
+    let now = chunk_objects(&f.store());
+    assert_eq!(now.len(), 5);
+    assert!(held.iter().filter(|c| !now.contains(*c)).count() == 2);
+    let mut expect = old.clone();
+    expect[..8192].fill(7);
+    assert_eq!(read_all(&v, a.ino), expect);
+}
+
+#[test]
+fn gc_removes_only_unreferenced_objects() {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[1u8; 3 * 4096]).unwrap();
+    v.snapshot_create("s").unwrap();
+    v.write(a.ino, 0, &[2u8; 4096]).unwrap();
+    // an orphan, as a crash between writing a chunk and its commit leaves
+    let store = LocalDirStore::open(&f.store()).unwrap();
+    store
+        .put(Kind::Chunk, &hex::encode([9u8; 16]), b"junk", false)
+        .unwrap();
+    let r = v.gc(&mut |_, _| {}).unwrap();
+    assert_eq!(r.chunks_removed, 1);
+    // live (4 chunks incl. the one in memory, flushed by gc's wait or not)
+    // and snapshot-held chunks remain
+    v.commit(false).unwrap();
+    assert_eq!(chunk_objects(&f.store()).len(), 4);
+    assert_eq!(read_all(&v, a.ino)[..4096], [2u8; 4096]);
+    v.close().unwrap();
+    drop(v);
+    let mut p = |_, _| {};
+    let r = fsck::fsck(&f.store(), &f.ks, false, &mut p).unwrap();
+    assert!(r.clean(), "{:?}", r.problems);
+    assert_eq!(r.states, 2);
+}
+
+#[test]
+fn clone_shares_chunks_and_reencrypt_copies() {
+    let f = Fixture::new();
+    f.create(4096, 4096);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    let data: Vec<u8> = (0..20000).map(|i| (i % 13) as u8).collect();
+    v.write(a.ino, 0, &data).unwrap();
+    let b = v
+        .mknod(ROOT_INO, b"small", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(b.ino, 0, b"inline").unwrap();
+    v.snapshot_create("s").unwrap();
+    v.close().unwrap();
+    drop(v);
+    for reencrypt in [false, true] {
+        let dest = f.dir.path().join(format!("clone-{reencrypt}"));
+        let o = clone::CloneOptions {
+            snapshot: Some("s".into()),
+            kms_key: None,
+            reencrypt,
+        };
+        let r = clone::clone_store(&f.store(), &dest, &f.ks, &o, &mut |_, _| {}).unwrap();
+        assert_eq!(r.chunks, 5);
+        assert_eq!(r.linked, if reencrypt { 0 } else { 5 });
+        let c = Volume::open(&dest, &f.ks, &f.opts()).unwrap();
+        assert_ne!(c.id(), peek_store_id(&f.store()).unwrap());
+        let ca = c.lookup(ROOT_INO, b"a").unwrap();
+        assert_eq!(read_all(&c, ca.ino), data);
+        let cb = c.lookup(ROOT_INO, b"small").unwrap();
+        assert_eq!(read_all(&c, cb.ino), b"inline");
+        // the clone writes and deletes on its own
+        c.write(ca.ino, 0, b"changed").unwrap();
+        c.close().unwrap();
+        // into a non-empty target: refused, nothing written
+        assert!(matches!(
+            clone::clone_store(&f.store(), &dest, &f.ks, &o, &mut |_, _| {}),
+            Err(OpenError::NotEmpty(_))
+        ));
+    }
+    // the origin is unchanged
+    let v = f.open();
+    assert_eq!(read_all(&v, v.lookup(ROOT_INO, b"a").unwrap().ino), data);
+}
+
+#[test]
+fn format_2_stores_are_read_and_upgraded_by_a_read_write_open() {
+    let f = Fixture::new();
+    f.create(4096, 4096);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[4u8; 10000]).unwrap();
+    v.close().unwrap();
+    drop(v);
+    // rewrite the header as format 2: the body without the data id
+    let hp = f.store().join(HEADER_FILE);
+    let (hdr, vmk, _) = read_header(&f.store(), &f.ks).unwrap();
+    let mac_key = vmk.derive(LABEL_HEADER_MAC);
+    let v3 = encode_header(&hdr, &mac_key);
+    let len = u32::from_le_bytes(v3[10..14].try_into().unwrap()) as usize;
+    let mut v2 = b"SEALFSV\0\x02\x00".to_vec();
+    v2.extend_from_slice(&((len - 16) as u32).to_le_bytes());
+    v2.extend_from_slice(&v3[14..14 + len - 16]);
+    let mac = crypto::hmac(&mac_key, &v2);
+    v2.extend_from_slice(&mac);
+    std::fs::write(&hp, &v2).unwrap();
+    // read-only: read as it is, left as it is
+    let mut ro = f.opts();
+    ro.read_only = true;
+    let v = Volume::open(&f.store(), &f.ks, &ro).unwrap();
+    assert_eq!(read_all(&v, a.ino), vec![4u8; 10000]);
+    drop(v);
+    assert_eq!(header_version(&std::fs::read(&hp).unwrap()), 2);
+    assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 2);
+    // read-write: upgraded to format 3, data id = store id
+    let v = f.open();
+    assert_eq!(read_all(&v, a.ino), vec![4u8; 10000]);
+    drop(v);
+    let now = std::fs::read(&hp).unwrap();
+    assert_eq!(header_version(&now), 3);
+    let h = decode_header(&now).unwrap();
+    assert_eq!(h.data_id, h.store_id);
+    assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 3);
 }
