@@ -142,6 +142,10 @@ pub enum OpenError {
     Kms(#[from] KmsError),
     #[error("invalid chunk size {0}: use a power of two from 4096 to 16777216")]
     BadChunkSize(u32),
+    #[error("store {}: there is no snapshot named {name:?}; see `sealfs snapshot list {}`", path.display(), path.display())]
+    UnknownSnapshot { path: PathBuf, name: String },
+    #[error("store {}: {why}", path.display())]
+    Refused { path: PathBuf, why: String },
 }
 
 /// Options for [`Volume::create`].
@@ -984,10 +988,10 @@ impl Volume {
                     (b.name == *name).then_some(b)
                 });
             let Some(body) = id else {
-                return Err(meta_err(format!(
-                    "there is no snapshot named {name:?}; see `sealfs snapshot list {}`",
-                    root.display()
-                )));
+                return Err(OpenError::UnknownSnapshot {
+                    path: root.to_path_buf(),
+                    name: name.clone(),
+                });
             };
             let mut vs = State::new();
             vs.next_ino = body.next_ino;
