@@ -279,6 +279,11 @@ pub struct VolumeInfo {
     pub chunk_bytes: u64,
     pub meta_objects: u64,
     pub meta_bytes: u64,
+    /// Number of snapshot manifests in the store.
+    pub snapshots: u64,
+    /// The origin's volume id, for a clone that shares its chunk objects
+    /// (None: the data id is the store's own).
+    pub shares_data_of: Option<String>,
 }
 
 /// Chunks loaded ahead of a read-modify-write, by index.
@@ -842,6 +847,12 @@ impl Volume {
         let store = LocalDirStore::open(root).map_err(io_at(root))?;
         let (chunk_bytes, chunk_objects) = store.usage(Kind::Chunk).map_err(io_at(root))?;
         let (meta_bytes, meta_objects) = store.usage(Kind::Meta).map_err(io_at(root))?;
+        let snapshots = store
+            .list(Kind::Meta)
+            .map_err(io_at(root))?
+            .iter()
+            .filter(|n| parse_seq(n, "snapshot").is_some())
+            .count() as u64;
         Ok(VolumeInfo {
             store_id: volume_id_hex(&hdr.store_id),
             created: hdr.created,
@@ -858,6 +869,8 @@ impl Volume {
             chunk_bytes,
             meta_objects,
             meta_bytes,
+            snapshots,
+            shares_data_of: (hdr.data_id != hdr.store_id).then(|| volume_id_hex(&hdr.data_id)),
         })
     }
 
