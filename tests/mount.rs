@@ -545,10 +545,10 @@ fn helper_bad_input_fails_before_mount() {
             "not a directory",
         ),
         (
-            "snapshot option",
+            "unknown snapshot",
             format!("{ko},snapshot=x"),
             &mp,
-            "snapshot=x",
+            "no snapshot named \"x\"",
         ),
     ];
     for (what, opts, target, needle) in cases {

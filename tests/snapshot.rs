@@ -418,6 +418,21 @@ fn clones_match_byte_for_byte_and_outlive_their_origin() {
             );
         }
     }
+    // `info` tells a clone that shares its origin's objects
+    let info = |p: &Path| -> serde_json::Value {
+        let out = env.sealfs(&["info", "--json", s(p)]);
+        ok(&out, "info");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let origin = info(&store);
+    assert_eq!(origin["snapshots"], 1);
+    assert_eq!(origin["format_version"], 3);
+    assert!(origin["shares_data_of"].is_null());
+    assert_eq!(info(&same)["shares_data_of"], origin["volume_id"]);
+    assert_eq!(info(&other)["shares_data_of"], origin["volume_id"]);
+    assert!(info(&re)["shares_data_of"].is_null());
+    assert_ne!(info(&same)["volume_id"], origin["volume_id"]);
+    assert_eq!(info(&same)["snapshots"], 0);
     // a clone of the live state of an unmounted store
     let live = env.path("live");
     ok(&env.sealfs(&["clone", s(&store), s(&live)]), "clone live");

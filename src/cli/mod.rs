@@ -524,6 +524,8 @@ fn cmd_info(g: &Global, store: &Path, json: bool) -> Result<()> {
                 "chunk_bytes": i.chunk_bytes,
                 "metadata_objects": i.meta_objects,
                 "metadata_bytes": i.meta_bytes,
+                "snapshots": i.snapshots,
+                "shares_data_of": i.shares_data_of,
                 "in_use": in_use,
             }))?
         );
@@ -562,6 +564,10 @@ fn cmd_info(g: &Global, store: &Path, json: bool) -> Result<()> {
         i.meta_objects,
         human(i.meta_bytes)
     );
+    println!("Snapshots:      {}", i.snapshots);
+    if let Some(origin) = &i.shares_data_of {
+        println!("Data id:        {origin} (a clone of that volume, made without --reencrypt)");
+    }
     println!(
         "In use:         {}",
         if in_use {

@@ -47,7 +47,7 @@ pub struct CloneReport {
 }
 
 fn err_at(path: &Path, why: String) -> OpenError {
-    OpenError::Metadata {
+    OpenError::Refused {
         path: path.to_path_buf(),
         why,
     }
@@ -97,14 +97,9 @@ fn source_state(
                     Err(e) => log::warn!("{}: {e}", src.display()),
                 }
             }
-            found.ok_or_else(|| {
-                err_at(
-                    src,
-                    format!(
-                        "there is no snapshot named {name:?}; see `sealfs snapshot list {}`",
-                        src.display()
-                    ),
-                )
+            found.ok_or_else(|| OpenError::UnknownSnapshot {
+                path: src.to_path_buf(),
+                name: name.to_string(),
             })?
         }
         None => {

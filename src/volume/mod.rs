@@ -142,6 +142,10 @@ pub enum OpenError {
     Kms(#[from] KmsError),
     #[error("invalid chunk size {0}: use a power of two from 4096 to 16777216")]
     BadChunkSize(u32),
+    #[error("store {}: there is no snapshot named {name:?}; see `sealfs snapshot list {}`", path.display(), path.display())]
+    UnknownSnapshot { path: PathBuf, name: String },
+    #[error("store {}: {why}", path.display())]
+    Refused { path: PathBuf, why: String },
 }
 
 /// Options for [`Volume::create`].
@@ -275,6 +279,11 @@ pub struct VolumeInfo {
     pub chunk_bytes: u64,
     pub meta_objects: u64,
     pub meta_bytes: u64,
+    /// Number of snapshot manifests in the store.
+    pub snapshots: u64,
+    /// The origin's volume id, for a clone that shares its chunk objects
+    /// (None: the data id is the store's own).
+    pub shares_data_of: Option<String>,
 }
 
 /// Chunks loaded ahead of a read-modify-write, by index.
@@ -838,6 +847,12 @@ impl Volume {
         let store = LocalDirStore::open(root).map_err(io_at(root))?;
         let (chunk_bytes, chunk_objects) = store.usage(Kind::Chunk).map_err(io_at(root))?;
         let (meta_bytes, meta_objects) = store.usage(Kind::Meta).map_err(io_at(root))?;
+        let snapshots = store
+            .list(Kind::Meta)
+            .map_err(io_at(root))?
+            .iter()
+            .filter(|n| parse_seq(n, "snapshot").is_some())
+            .count() as u64;
         Ok(VolumeInfo {
             store_id: volume_id_hex(&hdr.store_id),
             created: hdr.created,
@@ -854,6 +869,8 @@ impl Volume {
             chunk_bytes,
             meta_objects,
             meta_bytes,
+            snapshots,
+            shares_data_of: (hdr.data_id != hdr.store_id).then(|| volume_id_hex(&hdr.data_id)),
         })
     }
 
@@ -984,10 +1001,10 @@ impl Volume {
                     (b.name == *name).then_some(b)
                 });
             let Some(body) = id else {
-                return Err(meta_err(format!(
-                    "there is no snapshot named {name:?}; see `sealfs snapshot list {}`",
-                    root.display()
-                )));
+                return Err(OpenError::UnknownSnapshot {
+                    path: root.to_path_buf(),
+                    name: name.clone(),
+                });
             };
             let mut vs = State::new();
             vs.next_ino = body.next_ino;
