@@ -622,6 +622,13 @@ fn gc_never_removes_a_referenced_object() {
     for (name, d) in &last {
         assert!(std::fs::read(mp.join(name)).unwrap() == *d, "{name}");
     }
+    // the store spelled another way (a symlink) still reaches the daemon
+    let link = env.path("store-link");
+    std::os::unix::fs::symlink(&store, &link).unwrap();
+    ok(
+        &env.sealfs(&["gc", s(&link)]),
+        "gc through a symlink while mounted",
+    );
     m.unmount();
     let out = env.sealfs(&["fsck", s(&store)]);
     ok(&out, "fsck after gc");

@@ -54,6 +54,10 @@ fn resolve(p: &Path) -> Result<Target> {
     let abs = std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mounts = super::status::parse_mountinfo(&info);
+    // compare canonical paths: the user may spell the store differently
+    // from the path it was mounted with
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let same = |a: &Path, b: &Path| a == b || canon(a) == canon(b);
     if let Some(m) = mounts.iter().find(|m| m.mountpoint == abs) {
         return Ok(Target {
             store: m.source.clone(),
@@ -69,7 +73,7 @@ fn resolve(p: &Path) -> Result<Target> {
     }
     let mount = mounts
         .iter()
-        .find(|m| m.source == abs)
+        .find(|m| same(&m.source, &abs))
         .map(|m| m.mountpoint.clone());
     Ok(Target { store: abs, mount })
 }

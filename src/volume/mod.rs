@@ -884,7 +884,8 @@ impl Volume {
         let (mut hdr, vmk, vck) = read_header(root, ks)?;
         let (content_key, unavailable) = match vck {
             Ok(vck) => {
-                if !opts.read_only {
+                // (a snapshot view is read-only too: it writes nothing)
+                if !opts.read_only && opts.snapshot.is_none() {
                     // Mount re-wraps under the newest key versions.
                     hdr = rewrap_header(root, ks, &hdr, &vmk, &vck, None)?;
                 }
