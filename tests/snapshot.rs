@@ -859,3 +859,47 @@ fn snapshot_errors_are_clear_and_change_nothing() {
     // none of the failures changed the store (the clone does not either)
     assert!(snapshot_store(&store) == before, "store changed");
 }
+
+#[test]
+fn only_the_root_owner_takes_snapshots_others_browse_them() {
+    if !require_fuse() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root (runuser)");
+        return;
+    }
+    let (_uid, _gid, user) = test_user();
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &["allow_other"]);
+    std::fs::set_permissions(&m.mountpoint, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(m.path("shared"), b"for everyone").unwrap();
+    std::fs::set_permissions(m.path("shared"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(m.path("secret"), b"root only").unwrap();
+    std::fs::set_permissions(m.path("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::create_dir(m.path(".snapshots/s")).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new("runuser")
+            .args(["-u", &user, "--"])
+            .args(args)
+            .env("LC_ALL", "C")
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let snap = m.path(".snapshots/s");
+    let out = run(&["cat", s(&snap.join("shared"))]);
+    ok(&out, "another user reads a snapshot file");
+    assert_eq!(out.stdout, b"for everyone");
+    let out = run(&["cat", s(&snap.join("secret"))]);
+    fails(
+        &out,
+        "another user reads a 0600 snapshot file",
+        "Permission denied",
+    );
+    let out = run(&["mkdir", s(&m.path(".snapshots/x"))]);
+    fails(&out, "another user takes a snapshot", "Permission denied");
+    let out = run(&["rmdir", s(&snap)]);
+    fails(&out, "another user deletes a snapshot", "Permission denied");
+    assert!(snap.is_dir());
+    m.unmount();
+}
