@@ -862,7 +862,7 @@ fn snapshot_errors_are_clear_and_change_nothing() {
 
 #[test]
 fn only_the_root_owner_takes_snapshots_others_browse_them() {
-    if !require_fuse() || unsafe { libc::geteuid() } != 0 {
+    if !require_fuse() || !rustix::process::geteuid().is_root() {
         eprintln!("skipping: needs root (runuser)");
         return;
     }
