@@ -22,6 +22,9 @@ fn chunk_objects(store: &Path) -> BTreeSet<String> {
     out
 }
 
+/// Bytes of a full 128 KiB chunk object (38 bytes of header and tag).
+const CHUNK_OBJ: u64 = (128 << 10) + 38;
+
 fn chunk_path(store: &Path, name: &str) -> PathBuf {
     store.join("chunks").join(&name[..2]).join(name)
 }
@@ -312,9 +315,35 @@ fn deleting_a_snapshot_frees_exactly_the_chunks_only_it_held() {
     write_at_sync(&m.path("f"), &rng.bytes(2 << 17), 4 << 17);
     let all = chunk_objects(&store);
     assert_eq!(all.len(), 20, "16 + 2 + 2 objects");
+    // what each snapshot alone holds ("snapshot list"): a and b share the
+    // original chunks 0-1, all three the original 4-5
+    let held = || -> BTreeMap<String, u64> {
+        let out = env.sealfs(&["snapshot", "list", "--json", s(&m.mountpoint)]);
+        ok(&out, "snapshot list");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(e["referenced_bytes"].as_u64().unwrap(), 16 * CHUNK_OBJ);
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["exclusive_bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        held(),
+        BTreeMap::from([("a".into(), 0), ("b".into(), 0), ("c".into(), 0)])
+    );
     // a and b hold the same 2 old chunks: deleting a frees nothing
     std::fs::remove_dir(m.path(".snapshots/a")).unwrap();
     assert_eq!(chunk_objects(&store), all);
+    assert_eq!(
+        held(),
+        BTreeMap::from([("b".into(), 2 * CHUNK_OBJ), ("c".into(), 0)])
+    );
     // deleting b frees exactly chunks 0 and 1 of the original
     std::fs::remove_dir(m.path(".snapshots/b")).unwrap();
     let now = chunk_objects(&store);
@@ -323,6 +352,7 @@ fn deleting_a_snapshot_frees_exactly_the_chunks_only_it_held() {
     let gone: BTreeSet<_> = all.difference(&now).cloned().collect();
     assert_eq!(gone.len(), 2);
     assert!(gone.is_subset(&base), "only original chunks were freed");
+    assert_eq!(held(), BTreeMap::from([("c".into(), 2 * CHUNK_OBJ)]));
     // c still reads as it was: chunks 0-1 new, 4-5 old
     let c = std::fs::read(m.path(".snapshots/c/f")).unwrap();
     assert_eq!(c[2 << 17..], data[2 << 17..]);

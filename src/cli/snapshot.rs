@@ -182,6 +182,11 @@ pub fn cmd_snapshot(g: &Global, c: SnapshotCmd) -> Result<()> {
             let list = match &t.mount {
                 Some(mp) => {
                     let d = snapdir(mp)?;
+                    // fsync of the root: a commit, so that what was freed
+                    // since counts as held by snapshots only (best effort)
+                    if let Ok(f) = std::fs::File::open(mp) {
+                        let _ = f.sync_all();
+                    }
                     let mut v = Vec::new();
                     for e in std::fs::read_dir(&d)? {
                         let e = e?;
