@@ -213,6 +213,8 @@ fn snapshot_during_concurrent_writes_is_consistent() {
         })
     };
     let mut checked = 0;
+    let mut prev = -1i64;
+    let mut rng = Rng::seeded();
     for round in 0..5 {
         std::thread::sleep(Duration::from_millis(150));
         let before = done.load(Ordering::SeqCst);
@@ -223,31 +225,50 @@ fn snapshot_during_concurrent_writes_is_consistent() {
         );
         let after = done.load(Ordering::SeqCst);
         let snap = mp.join(".snapshots").join(&name);
-        // every write that returned before is in it
-        for k in 0..=before {
+        // the files are f0..fN without a gap: every one that was written
+        // before is in it, none written after the snapshot returned
+        let mut ks: Vec<i64> = std::fs::read_dir(&snap)
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                n.strip_prefix('f').and_then(|k| k.parse().ok())
+            })
+            .collect();
+        ks.sort_unstable();
+        let n = ks.len() as i64;
+        assert!(
+            ks.iter().copied().eq(0..n),
+            "{name}: files are not a prefix"
+        );
+        assert!(n - 1 >= before, "{name}: f{before} missing ({n} files)");
+        assert!(n - 1 <= after + 1, "{name}: files from after the snapshot");
+        // contents: every file and log block written since the previous
+        // round, a sample of older ones, and those written meanwhile
+        // (complete or empty, never half-written)
+        let mut check: Vec<i64> = (prev + 1..=before).collect();
+        if before >= 0 {
+            check.extend((0..20).map(|_| rng.below(before as u64 + 1) as i64));
+        }
+        let log = std::fs::File::open(snap.join("log")).unwrap();
+        for &k in &check {
             let f = std::fs::read(snap.join(format!("f{k}"))).unwrap();
             assert_eq!(f, vec![k as u8; 5000], "{name}: file f{k}");
+            let mut blk = vec![0u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(&log, &mut blk, k as u64 * 4096).unwrap();
+            assert!(
+                blk.iter().all(|&x| x == (k % 251) as u8 + 1),
+                "{name}: log block {k}"
+            );
         }
-        // files are a prefix, each complete or absent; none from after
-        let mut k = before + 1;
-        while snap.join(format!("f{k}")).exists() {
+        for k in before + 1..n {
             let f = std::fs::read(snap.join(format!("f{k}"))).unwrap();
             assert!(
                 f.is_empty() || f == vec![k as u8; 5000],
                 "{name}: f{k} half-written"
             );
-            k += 1;
         }
-        assert!(k <= after + 2, "{name}: files from after the snapshot");
-        let log = std::fs::read(snap.join("log")).unwrap();
-        for b in 0..=before {
-            let blk = &log[b as usize * 4096..(b as usize + 1) * 4096];
-            assert!(
-                blk.iter().all(|&x| x == (b % 251) as u8 + 1),
-                "{name}: log block {b}"
-            );
-        }
-        checked += before + 1;
+        checked += check.len();
+        prev = before;
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();

@@ -5,8 +5,9 @@
 //! A snapshot is a manifest object `meta/snapshot-<id>` (see
 //! docs/FORMAT.md) holding every inode record of the commit it froze.
 //! Taking one costs one metadata write; no chunk is copied. The open
-//! volume keeps the set of chunk ids that any snapshot references
-//! ([`Snaps::refs`]): a chunk the live volume frees is deleted only when
+//! volume keeps the chunk ids that any snapshot references, with how many
+//! snapshots do ([`Snaps::refs`]): a chunk the live volume frees is deleted
+//! only when
 //! no snapshot holds it, and deleting a snapshot deletes exactly the
 //! chunks that neither the live volume nor another snapshot references.
 //!
@@ -14,7 +15,7 @@
 //! `.snapshots` directory is [`SNAPDIR_INO`]; inode `i` of the snapshot in
 //! slot `s` (a per-mount number, 1..=65534) is `s << 48 | i`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::format::*;
@@ -78,6 +79,11 @@ impl Snap {
             .map_err(|_| FsError::NOENT)
     }
 
+    /// The distinct chunk ids the snapshot references.
+    fn chunk_ids(&self) -> HashSet<[u8; 16]> {
+        self.chunks().map(|c| c.id).collect()
+    }
+
     /// Every chunk the snapshot references, with its plaintext length.
     pub fn chunks(&self) -> impl Iterator<Item = &ChunkRef> {
         self.body.inodes.iter().flat_map(|(_, r)| match &r.data {
@@ -91,8 +97,9 @@ impl Snap {
 #[derive(Debug, Default)]
 pub(crate) struct Snaps {
     pub list: Vec<Snap>,
-    /// Union of the chunk ids every snapshot references.
-    pub refs: HashSet<[u8; 16]>,
+    /// Every chunk id a snapshot references, with the number of
+    /// snapshots that do.
+    pub refs: HashMap<[u8; 16], u32>,
     next_slot: u16,
     /// Manifests that failed to open (their object names): gc refuses to
     /// run while there are any, since it cannot know what they hold.
@@ -113,17 +120,26 @@ impl Snaps {
             slot: self.next_slot,
             body: Arc::new(body),
         };
-        self.refs.extend(s.chunks().map(|c| c.id));
+        for id in s.chunk_ids() {
+            *self.refs.entry(id).or_default() += 1;
+        }
         self.list.push(s);
         Ok(self.list.last().expect("just pushed"))
     }
 
-    fn rebuild_refs(&mut self) {
-        self.refs = self
-            .list
-            .iter()
-            .flat_map(|s| s.chunks().map(|c| c.id).collect::<Vec<_>>())
-            .collect();
+    /// Take snapshot `id` out; returns it.
+    fn remove(&mut self, id: u64) -> Option<Snap> {
+        let i = self.list.iter().position(|s| s.id == id)?;
+        let s = self.list.remove(i);
+        for c in s.chunk_ids() {
+            if let Some(n) = self.refs.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(&c);
+                }
+            }
+        }
+        Some(s)
     }
 
     fn by_name(&self, name: &[u8]) -> Option<&Snap> {
@@ -389,7 +405,7 @@ impl Volume {
 
     /// Whether a snapshot holds chunk `id` (a freed chunk must be kept).
     pub(crate) fn snapshot_holds(&self, id: &[u8; 16]) -> bool {
-        self.snaps.read().refs.contains(id)
+        self.snaps.read().refs.contains_key(id)
     }
 
     /// Inode numbers of the regular files in every snapshot (their cached
@@ -456,9 +472,9 @@ impl Volume {
         self.snaps.write().add(id, body)?;
         log::info!("{}: snapshot {name:?} created", self.root.display());
         Ok(self
-            .snapshot_list()
+            .snapshot_infos(Some(name))
             .into_iter()
-            .find(|s| s.name == name)
+            .next()
             .expect("just added"))
     }
 
@@ -481,22 +497,19 @@ impl Volume {
             .delete(Kind::Meta, &snapshot_name(snap.id))
             .and_then(|_| self.store.sync())
             .map_err(FsError::from)?;
-        let others = {
-            let mut sn = self.snaps.write();
-            sn.list.retain(|s| s.id != snap.id);
-            sn.rebuild_refs();
-            sn.refs.clone()
-        };
+        let snap = self.snaps.write().remove(snap.id).expect("listed above");
         let live = live_refs(&self.state.lock());
+        let sn = self.snaps.read();
         let mut freed = (0, 0);
         let mut seen = HashSet::new();
         for c in snap.chunks() {
-            if !others.contains(&c.id) && !live.contains(&c.id) && seen.insert(c.id) {
+            if !sn.refs.contains_key(&c.id) && !live.contains(&c.id) && seen.insert(c.id) {
                 let _ = self.store.delete(Kind::Chunk, &c.name());
                 freed.0 += 1;
                 freed.1 += object_bytes(c);
             }
         }
+        drop(sn);
         log::info!(
             "{}: snapshot {name:?} deleted; {} chunk objects freed",
             self.root.display(),
@@ -507,18 +520,19 @@ impl Volume {
 
     /// Every snapshot with its sizes, oldest first.
     pub fn snapshot_list(&self) -> Vec<SnapshotInfo> {
+        self.snapshot_infos(None)
+    }
+
+    /// The snapshots (all, or the one named `only`) with their sizes.
+    fn snapshot_infos(&self, only: Option<&str>) -> Vec<SnapshotInfo> {
         let live = live_refs(&self.state.lock());
         let sn = self.snaps.read();
-        // how many snapshots reference each chunk
-        let mut counts: std::collections::HashMap<[u8; 16], u32> = Default::default();
-        for s in &sn.list {
-            let ids: HashSet<[u8; 16]> = s.chunks().map(|c| c.id).collect();
-            for id in ids {
-                *counts.entry(id).or_default() += 1;
-            }
-        }
         let mut out = Vec::new();
-        for s in &sn.list {
+        for s in sn
+            .list
+            .iter()
+            .filter(|s| only.is_none_or(|n| s.body.name == n))
+        {
             let mut seen = HashSet::new();
             let (mut referenced, mut exclusive) = (0, 0);
             for c in s.chunks() {
@@ -526,7 +540,7 @@ impl Volume {
                     continue;
                 }
                 referenced += object_bytes(c);
-                if !live.contains(&c.id) && counts.get(&c.id) == Some(&1) {
+                if !live.contains(&c.id) && sn.refs.get(&c.id) == Some(&1) {
                     exclusive += object_bytes(c);
                 }
             }
@@ -590,7 +604,7 @@ impl Volume {
             let id = hex::decode(n)
                 .ok()
                 .and_then(|v| <[u8; 16]>::try_from(v).ok());
-            let referenced = id.is_some_and(|id| live.contains(&id) || sn.refs.contains(&id));
+            let referenced = id.is_some_and(|id| live.contains(&id) || sn.refs.contains_key(&id));
             if referenced {
                 report.referenced += 1;
             } else if id.is_some() {
@@ -801,9 +815,9 @@ impl Volume {
             Virt::SnapDir => Err(FsError::NODATA),
             Virt::Snap(slot, ROOT_INO) if name == XATTR_SNAPSHOT => {
                 let sname = self.snaps.read().by_slot(slot)?.body.name.clone();
-                self.snapshot_list()
+                self.snapshot_infos(Some(&sname))
                     .into_iter()
-                    .find(|s| s.name == sname)
+                    .next()
                     .map(|s| s.to_line().into_bytes())
                     .ok_or(FsError::NOENT)
             }
