@@ -374,13 +374,60 @@ impl Volume {
         Ok(())
     }
 
+    /// Local state: ids of the snapshots deleted through this machine
+    /// (`STATE_DIR/volumes/<volume id>.deleted-snapshots`, one hex id a
+    /// line). A manifest with such an id that shows up again was put back
+    /// from an older copy; it is ignored (and gc removes it).
+    fn tombstone_file(&self) -> Option<std::path::PathBuf> {
+        self.state_file
+            .as_ref()
+            .map(|f| f.with_extension("deleted-snapshots"))
+    }
+
+    fn tombstones(&self) -> HashSet<u64> {
+        let Some(p) = self.tombstone_file() else {
+            return HashSet::new();
+        };
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
+            .collect()
+    }
+
+    fn add_tombstone(&self, id: u64) {
+        let Some(p) = self.tombstone_file() else {
+            return;
+        };
+        let mut all: Vec<u64> = self.tombstones().into_iter().collect();
+        all.push(id);
+        all.sort_unstable();
+        let text: String = all.iter().map(|i| format!("{i:016x}\n")).collect();
+        let tmp = p.with_extension("deleted-snapshots.tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &p)) {
+            log::warn!(
+                "cannot record the deleted snapshot in {}: {e} (a restored copy of it would not be noticed)",
+                p.display()
+            );
+        }
+    }
+
     /// Load every snapshot manifest in the store (at open).
     pub(crate) fn load_snapshots(&self, names: &[String]) {
+        let dead = self.tombstones();
         let mut sn = self.snaps.write();
         for n in names {
             let Some(id) = parse_seq(n, "snapshot") else {
                 continue;
             };
+            if dead.contains(&id) {
+                log::error!(
+                    "{}: snapshot manifest {n} was deleted through this machine and is back \
+                     (restored from an older copy of the store?); ignoring it (`sealfs gc` removes it)",
+                    self.root.display()
+                );
+                continue;
+            }
             let body = self
                 .store
                 .get(Kind::Meta, n)
@@ -497,6 +544,7 @@ impl Volume {
             .delete(Kind::Meta, &snapshot_name(snap.id))
             .and_then(|_| self.store.sync())
             .map_err(FsError::from)?;
+        self.add_tombstone(snap.id);
         let snap = self.snaps.write().remove(snap.id).expect("listed above");
         let live = live_refs(&self.state.lock());
         let sn = self.snaps.read();

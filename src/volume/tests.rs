@@ -872,3 +872,30 @@ fn format_2_stores_are_read_and_upgraded_by_a_read_write_open() {
     assert_eq!(h.data_id, h.store_id);
     assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 3);
 }
+
+#[test]
+fn a_deleted_snapshot_put_back_is_ignored_and_collected() {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[1u8; 4096]).unwrap();
+    let info = v.snapshot_create("old").unwrap();
+    let name = format!("snapshot-{}", info.id);
+    let path = f.store().join("meta").join(&name);
+    let saved = std::fs::read(&path).unwrap();
+    v.write(a.ino, 0, &[2u8; 4096]).unwrap();
+    v.snapshot_delete("old").unwrap();
+    v.close().unwrap();
+    drop(v);
+    // an attacker (or a restore) puts the manifest back
+    std::fs::write(&path, &saved).unwrap();
+    let v = f.open();
+    assert!(v.snapshot_list().is_empty());
+    assert!(v.lookup(SNAPDIR_INO, b"old").is_err());
+    let r = v.gc(&mut |_, _| {}).unwrap();
+    assert_eq!(r.meta_removed, 1);
+    assert!(!path.exists());
+}
