@@ -688,6 +688,12 @@ fn damaged_chunk_fails_partial_updates_without_changing_the_file() {
     assert_eq!(store.list(Kind::Chunk).unwrap().len(), 3);
 }
 
+/// A new empty regular file in the root.
+fn new_file(v: &Volume, name: &[u8]) -> Attr {
+    v.mknod(ROOT_INO, name, FileKind::File, 0o644, 0, 0, 0)
+        .unwrap()
+}
+
 fn chunk_objects(store: &Path) -> std::collections::BTreeSet<String> {
     LocalDirStore::open(store)
         .unwrap()
@@ -702,9 +708,7 @@ fn snapshots_are_copy_on_write_and_survive_reopen() {
     let f = Fixture::new();
     f.create(4096, 0);
     let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
+    let a = new_file(&v, b"a");
     let old: Vec<u8> = (0..5 * 4096).map(|i| (i % 251) as u8).collect();
     v.write(a.ino, 0, &old).unwrap();
     v.snapshot_create("s1").unwrap();
@@ -758,9 +762,7 @@ fn gc_removes_only_unreferenced_objects() {
     let f = Fixture::new();
     f.create(4096, 0);
     let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
+    let a = new_file(&v, b"a");
     v.write(a.ino, 0, &[1u8; 3 * 4096]).unwrap();
     v.snapshot_create("s").unwrap();
     v.write(a.ino, 0, &[2u8; 4096]).unwrap();
@@ -789,14 +791,10 @@ fn clone_shares_chunks_and_reencrypt_copies() {
     let f = Fixture::new();
     f.create(4096, 4096);
     let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
+    let a = new_file(&v, b"a");
     let data: Vec<u8> = (0..20000).map(|i| (i % 13) as u8).collect();
     v.write(a.ino, 0, &data).unwrap();
-    let b = v
-        .mknod(ROOT_INO, b"small", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
+    let b = new_file(&v, b"small");
     v.write(b.ino, 0, b"inline").unwrap();
     v.snapshot_create("s").unwrap();
     v.close().unwrap();
@@ -836,9 +834,7 @@ fn format_2_stores_are_read_and_upgraded_by_a_read_write_open() {
     let f = Fixture::new();
     f.create(4096, 4096);
     let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
+    let a = new_file(&v, b"a");
     v.write(a.ino, 0, &[4u8; 10000]).unwrap();
     v.close().unwrap();
     drop(v);
@@ -878,9 +874,7 @@ fn a_deleted_snapshot_put_back_is_ignored_and_collected() {
     let f = Fixture::new();
     f.create(4096, 0);
     let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
+    let a = new_file(&v, b"a");
     v.write(a.ino, 0, &[1u8; 4096]).unwrap();
     let info = v.snapshot_create("old").unwrap();
     let name = format!("snapshot-{}", info.id);
