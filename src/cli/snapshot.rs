@@ -260,9 +260,16 @@ pub fn cmd_clone(
     kms_key: Option<String>,
     reencrypt: bool,
 ) -> Result<()> {
-    // STORE@SNAP: the last '@' (snapshot names cannot contain one).
+    // STORE@SNAP: the last '@' (snapshot names cannot contain one), unless
+    // the whole argument is a store (a store path may contain '@').
     let (store, snap) = match source.rsplit_once('@') {
-        Some((s, n)) if !n.is_empty() && !n.contains('/') => (s, Some(n.to_string())),
+        Some((s, n))
+            if !n.is_empty()
+                && !n.contains('/')
+                && !Path::new(source).join(volume::HEADER_FILE).exists() =>
+        {
+            (s, Some(n.to_string()))
+        }
         _ => (source, None),
     };
     let store = Path::new(store);

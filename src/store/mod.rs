@@ -211,19 +211,26 @@ impl ObjectStore for LocalDirStore {
 
     fn delete(&self, kind: Kind, name: &str) -> io::Result<()> {
         let p = self.path(kind, name)?;
-        // A chunk hard-linked into a clone (`sealfs clone`) is shared: it
-        // must only be unlinked here, never truncated and reused.
-        let shared = || {
-            use std::os::unix::fs::MetadataExt;
-            fs::metadata(&p).map(|m| m.nlink() > 1).unwrap_or(false)
-        };
-        if kind == Kind::Chunk && !shared() {
+        if kind == Kind::Chunk {
             let mut r = self.recycle.lock();
             if r.free.len() < RECYCLE_MAX {
                 let to = self.root.join(RECYCLE_DIR).join(format!("r{}", r.next));
                 r.next += 1;
                 match fs::rename(&p, &to) {
                     Ok(()) => {
+                        // A chunk hard-linked into a clone (`sealfs clone`)
+                        // is shared: it must only be unlinked, never
+                        // truncated and reused. Checked after the rename,
+                        // so no new link can appear in between (a clone
+                        // linking the old name now gets ENOENT).
+                        use std::os::unix::fs::MetadataExt;
+                        let shared = fs::metadata(&to).map(|m| m.nlink() > 1).unwrap_or(true);
+                        if shared {
+                            return match fs::remove_file(&to) {
+                                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                                other => other,
+                            };
+                        }
                         // free the blocks now; keep the inode for reuse
                         let _ = OpenOptions::new()
                             .write(true)

@@ -55,11 +55,7 @@ fn err_at(path: &Path, why: String) -> OpenError {
 
 /// The state to clone: (seq, next_ino, records), and the source header,
 /// VMK-derived metadata key and raw content key.
-fn source_state(
-    src: &Path,
-    ks: &Keystore,
-    snapshot: Option<&str>,
-) -> Result<(SnapshotBody, HeaderBody, Key32), OpenError> {
+fn source_state(src: &Path, ks: &Keystore, snapshot: Option<&str>) -> Result<Source, OpenError> {
     if !src.join(HEADER_FILE).exists() {
         return Err(OpenError::NotAStore(src.to_path_buf()));
     }
@@ -75,6 +71,10 @@ fn source_state(
         ));
     }
     let meta_key = AeadKey::new(&vmk.derive(LABEL_META));
+    // The live state is cloned from a read-only open of the volume, kept
+    // open (it holds the store lock) until every chunk is linked or copied:
+    // nobody can commit and free chunks under the clone.
+    let mut held = None;
     let body = match snapshot {
         Some(name) => {
             // Snapshot manifests are immutable and their chunks are kept
@@ -122,11 +122,17 @@ fn source_state(
                 ),
                 other => other,
             })?;
-            vol.live_records()
+            let body = vol.live_records();
+            held = Some(vol);
+            body
         }
     };
-    Ok((body, hdr, vck))
+    Ok((body, hdr, vck, held))
 }
+
+/// What is cloned: the state, the origin's header and content key, and (for
+/// the live state) the read-only open volume that holds the store lock.
+type Source = (SnapshotBody, HeaderBody, Key32, Option<Arc<Volume>>);
 
 /// Check the destination: missing, or an empty directory.
 fn check_dest(dest: &Path) -> Result<(), OpenError> {
@@ -159,7 +165,7 @@ pub fn clone_store(
     if let Some(k) = &target_key {
         ks.check_usable(k)?;
     }
-    let (mut body, hdr, vck) = source_state(src, ks, o.snapshot.as_deref())?;
+    let (mut body, hdr, vck, _lock) = source_state(src, ks, o.snapshot.as_deref())?;
     let dest = std::path::absolute(dest).map_err(io_at(dest))?;
     let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();
     let leaf = dest
@@ -255,7 +261,10 @@ fn build(
         let missing = |e: io::Error| {
             err_at(
                 src,
-                format!("chunk object {name} cannot be read ({e}); run `sealfs fsck`"),
+                format!(
+                    "chunk object {name} cannot be read ({e}); if the snapshot was deleted \
+                     while cloning, that is why; otherwise run `sealfs fsck`"
+                ),
             )
         };
         if o.reencrypt {
@@ -277,7 +286,13 @@ fn build(
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing(e)),
                 Err(_) => {
                     // another file system (EXDEV) or no hard links: copy
-                    fs::copy(&a, &b).map_err(missing)?;
+                    let n = fs::copy(&a, &b).map_err(missing)?;
+                    if n != super::snapshot::object_bytes(r) {
+                        return Err(missing(io::Error::other(format!(
+                            "copied {n} bytes, the object has {}",
+                            super::snapshot::object_bytes(r)
+                        ))));
+                    }
                     report.copied += 1;
                 }
             }

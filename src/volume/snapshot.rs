@@ -109,6 +109,11 @@ pub(crate) struct Snaps {
 }
 
 impl Snaps {
+    /// Whether one more snapshot fits in the inode-number space.
+    pub fn has_free_slot(&self) -> bool {
+        self.next_slot < SLOT_MAX
+    }
+
     pub fn add(&mut self, id: u64, mut body: SnapshotBody) -> FsResult<&Snap> {
         if self.next_slot >= SLOT_MAX {
             return Err(FsError::NOSPC);
@@ -252,6 +257,10 @@ pub enum SnapshotError {
     ReadOnly,
     #[error("snapshot manifests {0} are damaged; gc cannot tell what they hold, so it does nothing. Run `sealfs fsck` to see the damage")]
     Damaged(String),
+    #[error("this mount has used all of its {0} snapshot slots (a slot is used by every snapshot taken or loaded since the mount); remount the volume to take more")]
+    NoSlot(u16),
+    #[error("a re-key of this volume is under way; finish it first (`sealfs rekey STORE` with the volume unmounted), then take the snapshot")]
+    RekeyUnderWay,
     #[error("{0}")]
     Fs(FsError),
 }
@@ -265,6 +274,8 @@ impl SnapshotError {
             SnapshotError::BadName(_) => FsError::INVAL,
             SnapshotError::ReadOnly => FsError::ROFS,
             SnapshotError::Damaged(_) => FsError::IO,
+            SnapshotError::NoSlot(_) => FsError::NOSPC,
+            SnapshotError::RekeyUnderWay => FsError(libc::EBUSY),
             SnapshotError::Fs(e) => *e,
         }
     }
@@ -347,7 +358,7 @@ fn records_of(
     inodes
 }
 
-fn object_bytes(c: &ChunkRef) -> u64 {
+pub(crate) fn object_bytes(c: &ChunkRef) -> u64 {
     padded_len(c.len as usize) as u64 + 38
 }
 
@@ -438,8 +449,26 @@ impl Volume {
                 });
             match body {
                 Ok(b) => {
-                    if sn.add(id, b).is_err() {
-                        log::error!("too many snapshots; {n} is not loaded");
+                    if let Some(other) = sn.by_name(b.name.as_bytes()).map(|s| s.id) {
+                        // Names are unique when taken: two manifests with one
+                        // name mean one was put back from elsewhere, and
+                        // nobody can tell which is genuine.
+                        log::error!(
+                            "{}: snapshot manifests {n} and {} have the same name {:?}; \
+                             neither is used (run `sealfs fsck`)",
+                            self.root.display(),
+                            snapshot_name(other),
+                            b.name
+                        );
+                        sn.remove(other);
+                        sn.damaged.push(snapshot_name(other));
+                        sn.damaged.push(n.clone());
+                    } else if sn.add(id, b).is_err() {
+                        log::error!(
+                            "{}: too many snapshots; {n} is not loaded",
+                            self.root.display()
+                        );
+                        sn.damaged.push(n.clone());
                     }
                 }
                 Err(e) => {
@@ -448,11 +477,21 @@ impl Volume {
                 }
             }
         }
+        if !sn.damaged.is_empty() {
+            log::warn!(
+                "{}: while snapshot manifests cannot be read, chunks the volume frees are kept \
+                 (`sealfs gc` removes them once every manifest reads again, or is removed)",
+                self.root.display()
+            );
+        }
     }
 
     /// Whether a snapshot holds chunk `id` (a freed chunk must be kept).
+    /// While a manifest could not be loaded nobody knows what it holds, so
+    /// every freed chunk is kept (as an orphan for a later gc).
     pub(crate) fn snapshot_holds(&self, id: &[u8; 16]) -> bool {
-        self.snaps.read().refs.contains_key(id)
+        let sn = self.snaps.read();
+        !sn.damaged.is_empty() || sn.refs.contains_key(id)
     }
 
     /// Inode numbers of the regular files in every snapshot (their cached
@@ -488,13 +527,23 @@ impl Volume {
         if self.snaps.read().by_name(name.as_bytes()).is_some() {
             return Err(SnapshotError::Exists(name.to_string()));
         }
+        if self.hdr.rekey.is_some() {
+            // A snapshot would keep chunks under the old key and block the
+            // re-key from finishing.
+            return Err(SnapshotError::RekeyUnderWay);
+        }
+        if !self.snaps.read().has_free_slot() {
+            return Err(SnapshotError::NoSlot(SLOT_MAX));
+        }
         let did = self.hdr.data_id;
         let mut body = None;
-        let ckey = self.content_key.lock().clone();
-        let ckey = ckey.as_ref().map(|k| k.cur.1.clone());
         self.commit_locked(
             false,
             Some(&mut |st: &State, seq: u64| {
+                // Under the state lock: the content key cannot come or go
+                // (revocation, restore) while the records are sealed.
+                let ckey = self.content_key.lock().clone();
+                let ckey = ckey.as_ref().map(|k| k.cur.1.clone());
                 body = Some(SnapshotBody {
                     name: name.to_string(),
                     created: crate::kms::now_secs(),
@@ -510,13 +559,20 @@ impl Volume {
             id = u64::from_le_bytes(crypto::random_bytes());
         }
         let obj = seal_snapshot(&self.meta_key, &self.hdr.store_id, id, &body);
-        self.store
+        let stored = self
+            .store
             .put(Kind::Meta, &snapshot_name(id), &obj, true)
             .map_err(|e| {
                 log::error!("writing snapshot {name:?} failed: {e}");
                 FsError::from(e)
-            })?;
-        self.snaps.write().add(id, body)?;
+            })
+            .and_then(|_| self.snaps.write().add(id, body).map(|_| ()));
+        if let Err(e) = stored {
+            // Not taken: a manifest left behind would hold chunks nobody
+            // protects.
+            let _ = self.store.delete(Kind::Meta, &snapshot_name(id));
+            return Err(e.into());
+        }
         log::info!("{}: snapshot {name:?} created", self.root.display());
         Ok(self
             .snapshot_infos(Some(name))

@@ -893,3 +893,152 @@ fn a_deleted_snapshot_put_back_is_ignored_and_collected() {
     assert_eq!(r.meta_removed, 1);
     assert!(!path.exists());
 }
+
+/// The manifest file of the only snapshot.
+fn only_manifest(f: &Fixture) -> PathBuf {
+    std::fs::read_dir(f.store().join("meta"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snapshot-")
+        })
+        .expect("a snapshot manifest")
+}
+
+#[test]
+fn unreadable_manifest_keeps_freed_chunks() {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    let old: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
+    v.write(a.ino, 0, &old).unwrap();
+    v.snapshot_create("s1").unwrap();
+    v.close().unwrap();
+    drop(v);
+    // the manifest cannot be read at the next open (EISDIR stands in for a
+    // transient I/O error)
+    let man = only_manifest(&f);
+    let aside = f.dir.path().join("aside");
+    std::fs::rename(&man, &aside).unwrap();
+    std::fs::create_dir(&man).unwrap();
+    let v = f.open();
+    v.write(a.ino, 0, &[9u8; 3 * 4096]).unwrap();
+    v.commit(false).unwrap();
+    v.close().unwrap();
+    drop(v);
+    std::fs::remove_dir(&man).unwrap();
+    std::fs::rename(&aside, &man).unwrap();
+    let v = f.open();
+    let snap = v.lookup(snapshot::SNAPDIR_INO, b"s1").unwrap();
+    let sa = v.lookup(snap.ino, b"a").unwrap();
+    assert_eq!(v.read(sa.ino, 0, 3 * 4096).unwrap(), old);
+    assert_eq!(v.read(a.ino, 0, 3 * 4096).unwrap(), vec![9u8; 3 * 4096]);
+}
+
+/// Open the fixture's store with another local state directory (as
+/// another machine would).
+fn open_with_state(f: &Fixture, state: &str) -> Arc<Volume> {
+    let o = OpenOptions2 {
+        state_dir: Some(f.dir.path().join(state)),
+        ..f.opts()
+    };
+    Volume::open(&f.store(), &f.ks, &o).unwrap()
+}
+
+#[test]
+fn manifests_with_one_name_are_both_refused() {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[1u8; 8192]).unwrap();
+    v.snapshot_create("s").unwrap();
+    v.close().unwrap();
+    drop(v);
+    // an old copy of the manifest kept aside; the snapshot deleted and
+    // taken again under the same name
+    let copy = std::fs::read(only_manifest(&f)).unwrap();
+    let copy_name = only_manifest(&f).file_name().unwrap().to_owned();
+    // another machine: no record of deleted snapshots
+    let v = open_with_state(&f, "state2");
+    v.snapshot_delete("s").unwrap();
+    v.write(a.ino, 0, &[2u8; 8192]).unwrap();
+    v.snapshot_create("s").unwrap();
+    v.close().unwrap();
+    drop(v);
+    std::fs::write(f.store().join("meta").join(copy_name), copy).unwrap();
+    let v = open_with_state(&f, "state3");
+    assert_eq!(
+        v.snapshot_count(),
+        0,
+        "neither manifest named \"s\" is used"
+    );
+    assert!(v.lookup(snapshot::SNAPDIR_INO, b"s").is_err());
+    let e = v.gc(&mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("damaged"), "{e}");
+}
+
+#[test]
+fn cloning_the_live_state_holds_the_store_lock() {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, &[1u8; 64 * 4096]).unwrap();
+    v.close().unwrap();
+    drop(v);
+    let dest = f.dir.path().join("clone");
+    let mut tried = None;
+    let (store, ks, opts) = (f.store(), &f.ks, f.opts());
+    clone::clone_store(&store, &dest, ks, &Default::default(), &mut |_, _| {
+        if tried.is_none() {
+            tried = Some(matches!(
+                Volume::open(&store, ks, &opts),
+                Err(OpenError::InUse { .. })
+            ));
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        tried,
+        Some(true),
+        "the origin opened read-write during the clone"
+    );
+    let c = Volume::open(&dest, ks, &opts).unwrap();
+    let ca = c.lookup(ROOT_INO, b"a").unwrap();
+    assert_eq!(c.read(ca.ino, 0, 64 * 4096).unwrap(), vec![1u8; 64 * 4096]);
+}
+
+#[test]
+fn a_shared_chunk_is_unlinked_not_recycled() {
+    use crate::store::{Kind, LocalDirStore, ObjectStore};
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("s");
+    LocalDirStore::init(&root).unwrap();
+    let s = LocalDirStore::open(&root).unwrap();
+    let name = "00112233445566778899aabbccddeeff";
+    s.put(Kind::Chunk, name, b"chunk bytes", false).unwrap();
+    let linked = d.path().join("link");
+    std::fs::hard_link(s.object_path(Kind::Chunk, name).unwrap(), &linked).unwrap();
+    s.delete(Kind::Chunk, name).unwrap();
+    // a new object may take a recycled file: never the shared one
+    s.put(
+        Kind::Chunk,
+        "ffeeddccbbaa99887766554433221100",
+        b"other",
+        false,
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&linked).unwrap(), b"chunk bytes");
+}
