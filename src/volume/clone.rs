@@ -221,13 +221,19 @@ fn build(
 
     // Every chunk once (a snapshot's files may share none, but be safe).
     let mut chunks: BTreeMap<[u8; 16], ChunkRef> = BTreeMap::new();
+    // A re-encrypted clone also gets new object ids, so its objects cannot
+    // be matched to the origin's by name.
+    let mut renamed: BTreeMap<[u8; 16], [u8; 16]> = BTreeMap::new();
     let mut files = 0;
     for (ino, rec) in body.inodes.iter_mut() {
         match &mut rec.data {
             RecordData::ChunkedFile(c) => {
                 files += 1;
-                for (_, r) in c.iter() {
+                for (_, r) in c.iter_mut() {
                     chunks.insert(r.id, *r);
+                    if o.reencrypt {
+                        r.id = *renamed.entry(r.id).or_insert_with(crypto::random_bytes);
+                    }
                 }
             }
             RecordData::InlineFile(sealed) => {
@@ -274,8 +280,9 @@ fn build(
                 open_chunk(&old_key, &hdr.data_id, id, g, r.len as usize, &data)
                     .map_err(|e| err_at(src, format!("chunk {name}: {e}; run `sealfs fsck`")))?,
             );
-            let obj = seal_chunk(&new_key, &data_id, id, gen, &plain);
-            out.put(Kind::Chunk, &name, &obj, false)
+            let new_id = renamed[id];
+            let obj = seal_chunk(&new_key, &data_id, &new_id, gen, &plain);
+            out.put(Kind::Chunk, &hex::encode(new_id), &obj, false)
                 .map_err(io_at(tmp))?;
             report.reencrypted += 1;
         } else {
