@@ -662,6 +662,27 @@ fn rename_noreplace_and_exchange() {
 // Unlink while open
 // ---------------------------------------------------------------------------
 
+/// `sync -f` (syncfs) after removing files written through the kernel's
+/// writeback cache: the kernel writes back the removed files' times, which
+/// must not fail the sync.
+#[test]
+fn syncfs_after_removing_freshly_written_files() {
+    if !require_fuse() {
+        return;
+    }
+    let (_env, _store, m) = setup();
+    fs::write(m.path("keep"), b"kept").unwrap();
+    for i in 0..20 {
+        let p = m.path(&format!("tmp{i}"));
+        fs::write(&p, pattern(i, 10_000 + 5_000 * i as usize)).unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    run(Command::new("sync").arg("-f").arg(m.path("keep")));
+    run(Command::new("sync").arg("-f").arg(&m.mountpoint));
+    assert_eq!(names(&m.mountpoint), vec!["keep".to_string()]);
+    assert_eq!(fs::read(m.path("keep")).unwrap(), b"kept");
+}
+
 #[test]
 fn unlink_open_file_keeps_data_until_close() {
     if !require_fuse() {

@@ -1333,14 +1333,14 @@ fn cmd_rekey(g: &Global, store: &Path, kms_key: Option<&str>) -> Result<()> {
     let closed = vol.close();
     r.map_err(|e| {
         anyhow!(
-            "re-key of {} stopped: {e:?}; nothing is lost: fix the cause (see the messages above) and run `sealfs rekey {}` again to resume",
+            "re-key of {} stopped: {e}; nothing is lost: fix the cause (see the messages above) and run `sealfs rekey {}` again to resume",
             store.display(),
             store.display()
         )
     })?;
     closed.map_err(|e| {
         anyhow!(
-            "final commit of {} failed: {e:?}; run `sealfs rekey` again to resume",
+            "final commit of {} failed: {e}; run `sealfs rekey` again to resume",
             store.display()
         )
     })?;

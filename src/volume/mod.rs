@@ -1169,7 +1169,7 @@ impl Volume {
         if !self.read_only {
             if let Err(e) = self.commit(false) {
                 log::error!(
-                    "{}: committing before revocation failed ({e:?}); unwritten data stays in memory until the key is back",
+                    "{}: committing before revocation failed ({e}); unwritten data stays in memory until the key is back",
                     self.root.display()
                 );
             }
@@ -1740,6 +1740,13 @@ impl Volume {
             None => None,
         };
         let mut st = self.state.lock();
+        if !st.inodes.contains_key(&ino) {
+            // The kernel writing back times of a file that was removed
+            // meanwhile (on syncfs): nothing to keep.
+            if let Some(a) = st.gone.get(&ino) {
+                return Ok(*a);
+            }
+        }
         let now = Timespec::now();
         if let Some(size) = s.size {
             self.truncate_locked(&mut st, ino, size)?;
@@ -1986,6 +1993,9 @@ impl Volume {
 
     fn remove_inode(&self, st: &mut State, ino: u64) {
         if let Some(i) = st.inodes.remove(&ino) {
+            let mut a = self.attr_of(ino, &i);
+            a.nlink = 0;
+            st.gone.put(ino, a);
             if let InodeData::File(fd) = i.data {
                 let dirty: usize = fd.dirty.values().map(|b| b.len()).sum();
                 st.dirty_bytes = st.dirty_bytes.saturating_sub(dirty);

@@ -326,7 +326,14 @@ pub(crate) struct State {
     pub next_token: u64,
     /// A commit is waiting for in-flight flushes: start no new ones.
     pub commit_waiting: bool,
+    /// Last attributes of inodes removed (unlinked and closed), which the
+    /// kernel may still hold and write back times for (syncfs, writeback
+    /// cache). Inode numbers are never reused; bounded.
+    pub gone: lru::LruCache<u64, Attr>,
 }
+
+/// How many removed inodes' attributes are remembered.
+pub const GONE_MAX: usize = 4096;
 
 impl State {
     pub fn new() -> State {
@@ -341,6 +348,7 @@ impl State {
             journal_bytes_since_ckpt: 0,
             dirty: BTreeSet::new(),
             deleted: BTreeSet::new(),
+            gone: lru::LruCache::new(std::num::NonZeroUsize::new(GONE_MAX).expect("non-zero")),
             pending_free: Vec::new(),
             opens: HashMap::new(),
             dirty_bytes: 0,

@@ -911,14 +911,8 @@ fn only_manifest(f: &Fixture) -> PathBuf {
 
 #[test]
 fn unreadable_manifest_keeps_freed_chunks() {
-    let f = Fixture::new();
-    f.create(4096, 0);
-    let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
     let old: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
-    v.write(a.ino, 0, &old).unwrap();
+    let (f, v, a) = volume_with_file_a(&old);
     v.snapshot_create("s1").unwrap();
     v.close().unwrap();
     drop(v);
@@ -954,13 +948,7 @@ fn open_with_state(f: &Fixture, state: &str) -> Arc<Volume> {
 
 #[test]
 fn manifests_with_one_name_are_both_refused() {
-    let f = Fixture::new();
-    f.create(4096, 0);
-    let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
-    v.write(a.ino, 0, &[1u8; 8192]).unwrap();
+    let (f, v, a) = volume_with_file_a(&[1u8; 8192]);
     v.snapshot_create("s").unwrap();
     v.close().unwrap();
     drop(v);
@@ -989,13 +977,7 @@ fn manifests_with_one_name_are_both_refused() {
 
 #[test]
 fn cloning_the_live_state_holds_the_store_lock() {
-    let f = Fixture::new();
-    f.create(4096, 0);
-    let v = f.open();
-    let a = v
-        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
-        .unwrap();
-    v.write(a.ino, 0, &[1u8; 64 * 4096]).unwrap();
+    let (f, v, _) = volume_with_file_a(&[1u8; 64 * 4096]);
     v.close().unwrap();
     drop(v);
     let dest = f.dir.path().join("clone");
@@ -1041,4 +1023,35 @@ fn a_shared_chunk_is_unlinked_not_recycled() {
     )
     .unwrap();
     assert_eq!(std::fs::read(&linked).unwrap(), b"chunk bytes");
+}
+
+#[test]
+fn setattr_of_a_removed_inode_is_accepted_and_changes_nothing() {
+    let (_f, v, a) = volume_with_file_a(&[5u8; 9000]);
+    v.unlink(ROOT_INO, b"a").unwrap();
+    v.commit(false).unwrap();
+    // the kernel writing back times of the removed file (syncfs)
+    let s = SetAttr {
+        mtime: Some(SetTime::Now),
+        ..Default::default()
+    };
+    let got = v.setattr(a.ino, &s).unwrap();
+    assert_eq!((got.ino, got.nlink), (a.ino, 0));
+    assert_eq!(v.getattr(a.ino).unwrap_err(), FsError::NOENT);
+    assert_eq!(v.lookup(ROOT_INO, b"a").unwrap_err(), FsError::NOENT);
+    // an inode that never existed is still ENOENT
+    assert_eq!(v.setattr(999_999, &s).unwrap_err(), FsError::NOENT);
+    v.close().unwrap();
+}
+
+/// A fresh 4 KiB-chunk volume (no inline files) with file "a" holding `data`.
+fn volume_with_file_a(data: &[u8]) -> (Fixture, Arc<Volume>, Attr) {
+    let f = Fixture::new();
+    f.create(4096, 0);
+    let v = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.write(a.ino, 0, data).unwrap();
+    (f, v, a)
 }
