@@ -82,25 +82,12 @@ fn source_state(src: &Path, ks: &Keystore, snapshot: Option<&str>) -> Result<Sou
             // mounted).
             let store = LocalDirStore::open(src).map_err(io_at(src))?;
             let names = store.list(Kind::Meta).map_err(io_at(src))?;
-            let mut found = None;
-            for n in &names {
-                let Some(id) = parse_seq(n, "snapshot") else {
-                    continue;
-                };
-                let d = store.get(Kind::Meta, n).map_err(io_at(src))?;
-                match open_snapshot(&meta_key, &hdr.store_id, id, &d) {
-                    Ok(b) if b.name == name => {
-                        found = Some(b);
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => log::warn!("{}: {e}", src.display()),
-                }
-            }
-            found.ok_or_else(|| OpenError::UnknownSnapshot {
-                path: src.to_path_buf(),
-                name: name.to_string(),
-            })?
+            super::snapshot::find_snapshot(&store, &names, &meta_key, &hdr.store_id, name)
+                .map_err(|why| err_at(src, why))?
+                .ok_or_else(|| OpenError::UnknownSnapshot {
+                    path: src.to_path_buf(),
+                    name: name.to_string(),
+                })?
         }
         None => {
             let vol = Volume::open(

@@ -993,15 +993,9 @@ impl Volume {
         // live chain passed the rollback check above).
         let mut snap_state = None;
         if let Some(name) = &opts.snapshot {
-            let id = names
-                .iter()
-                .filter_map(|n| parse_seq(n, "snapshot"))
-                .find_map(|id| {
-                    let d = store.get(Kind::Meta, &snapshot_name(id)).ok()?;
-                    let b = open_snapshot(&meta_key, &hdr.store_id, id, &d).ok()?;
-                    (b.name == *name).then_some(b)
-                });
-            let Some(body) = id else {
+            let found = snapshot::find_snapshot(&store, &names, &meta_key, &hdr.store_id, name)
+                .map_err(meta_err)?;
+            let Some(body) = found else {
                 return Err(OpenError::UnknownSnapshot {
                     path: root.to_path_buf(),
                     name: name.clone(),
@@ -1434,10 +1428,8 @@ impl Volume {
         self.record_seq(seq);
         // 3. Free what the committed state no longer references, unless a
         // snapshot still holds it (copy-on-write).
-        for id in frees {
-            if !self.snapshot_holds(&id) {
-                let _ = self.store.delete(Kind::Chunk, &hex::encode(id));
-            }
+        for id in self.unheld(frees) {
+            let _ = self.store.delete(Kind::Chunk, &hex::encode(id));
         }
         if is_ckpt {
             let _ = self.store.delete(Kind::Meta, &checkpoint_name(old_ckpt));
@@ -2254,10 +2246,7 @@ impl Volume {
             let end = (off + size as u64).min(i.size);
             if let Some(inl) = &fd.inline {
                 let mut v = vec![0u8; (end - off) as usize];
-                let have = (inl.len() as u64).min(end);
-                if have > off {
-                    v[..(have - off) as usize].copy_from_slice(&inl[off as usize..have as usize]);
-                }
+                copy_window(&mut v, inl, off as usize);
                 return Ok(v);
             }
             let mut pos = off;
@@ -2266,19 +2255,14 @@ impl Volume {
                 let cstart = idx * cs;
                 let a = (pos - cstart) as usize;
                 let b = ((end - cstart).min(cs)) as usize;
-                if let Some(buf) = fd.dirty.get(&idx) {
+                let buffered: Option<&[u8]> = fd
+                    .dirty
+                    .get(&idx)
+                    .map(|buf| buf.as_slice())
+                    .or_else(|| fd.flushing.get(&idx).map(|(_, buf)| buf.as_slice()));
+                if let Some(buf) = buffered {
                     let mut v = vec![0u8; b - a];
-                    if buf.len() > a {
-                        let hi = buf.len().min(b);
-                        v[..hi - a].copy_from_slice(&buf[a..hi]);
-                    }
-                    parts.push(Part::Bytes(v));
-                } else if let Some((_, buf)) = fd.flushing.get(&idx) {
-                    let mut v = vec![0u8; b - a];
-                    if buf.len() > a {
-                        let hi = buf.len().min(b);
-                        v[..hi - a].copy_from_slice(&buf[a..hi]);
-                    }
+                    copy_window(&mut v, buf, a);
                     parts.push(Part::Bytes(v));
                 } else if let Some(r) = fd.chunks.get(&idx) {
                     parts.push(Part::Chunk(*r, a, b));
@@ -2332,10 +2316,7 @@ impl Volume {
                     let c = loaded.next().unwrap_or(Err(FsError::IO))?;
                     let start = out.len();
                     out.resize(start + (b - a), 0);
-                    if c.len() > a {
-                        let hi = c.len().min(b);
-                        out[start..start + (hi - a)].copy_from_slice(&c[a..hi]);
-                    }
+                    copy_window(&mut out[start..], &c, a);
                 }
             }
         }
@@ -2852,6 +2833,16 @@ fn last_frame(ckpt: &[u8]) -> &[u8] {
         pos += len;
     }
     last
+}
+
+/// Fill `dst` from `src` starting at offset `a`; what `src` does not
+/// have (past its end) stays as it is in `dst` (zeros: holes and short
+/// chunks read as zeros).
+pub(crate) fn copy_window(dst: &mut [u8], src: &[u8], a: usize) {
+    if src.len() > a {
+        let n = (src.len() - a).min(dst.len());
+        dst[..n].copy_from_slice(&src[a..a + n]);
+    }
 }
 
 /// Used by tests and `sealfs info`: the store id of a store without keys.

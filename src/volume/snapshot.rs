@@ -109,6 +109,14 @@ pub(crate) struct Snaps {
 }
 
 impl Snaps {
+    /// Whether a snapshot holds chunk `id`, so that it must be kept when
+    /// the live volume (or another snapshot) frees it. While a manifest
+    /// could not be loaded nobody knows what it holds, so every chunk is
+    /// kept (as an orphan for a later gc).
+    pub fn holds(&self, id: &[u8; 16]) -> bool {
+        !self.damaged.is_empty() || self.refs.contains_key(id)
+    }
+
     /// Whether one more snapshot fits in the inode-number space.
     pub fn has_free_slot(&self) -> bool {
         self.next_slot < SLOT_MAX
@@ -285,6 +293,44 @@ impl From<FsError> for SnapshotError {
     fn from(e: FsError) -> Self {
         SnapshotError::Fs(e)
     }
+}
+
+/// Find the manifest of the snapshot named `name` among the metadata
+/// objects `names` of `store` (for a snapshot mount and for clone). An
+/// unreadable manifest is logged and skipped; two manifests with the name
+/// mean one was put back from elsewhere, and nobody can tell which is
+/// genuine: that is an error, not a choice.
+pub(crate) fn find_snapshot(
+    store: &dyn crate::store::ObjectStore,
+    names: &[String],
+    meta_key: &crypto::AeadKey,
+    store_id: &[u8; 16],
+    name: &str,
+) -> Result<Option<SnapshotBody>, String> {
+    let mut found: Option<(String, SnapshotBody)> = None;
+    for n in names {
+        let Some(id) = parse_seq(n, "snapshot") else {
+            continue;
+        };
+        let body = store
+            .get(Kind::Meta, n)
+            .map_err(|e| e.to_string())
+            .and_then(|d| open_snapshot(meta_key, store_id, id, &d).map_err(|e| e.to_string()));
+        match body {
+            Ok(b) if b.name == name => {
+                if let Some((first, _)) = &found {
+                    return Err(format!(
+                        "snapshot manifests {first} and {n} are both named {name:?} (one was put \
+                         back from elsewhere); neither is used: run `sealfs fsck`"
+                    ));
+                }
+                found = Some((n.clone(), b));
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+    Ok(found.map(|(_, b)| b))
 }
 
 /// Check a snapshot name.
@@ -486,12 +532,11 @@ impl Volume {
         }
     }
 
-    /// Whether a snapshot holds chunk `id` (a freed chunk must be kept).
-    /// While a manifest could not be loaded nobody knows what it holds, so
-    /// every freed chunk is kept (as an orphan for a later gc).
-    pub(crate) fn snapshot_holds(&self, id: &[u8; 16]) -> bool {
+    /// Of the chunks the live volume no longer references, those no
+    /// snapshot holds (they can be deleted).
+    pub(crate) fn unheld(&self, ids: Vec<[u8; 16]>) -> Vec<[u8; 16]> {
         let sn = self.snaps.read();
-        !sn.damaged.is_empty() || sn.refs.contains_key(id)
+        ids.into_iter().filter(|id| !sn.holds(id)).collect()
     }
 
     /// Inode numbers of the regular files in every snapshot (their cached
@@ -607,7 +652,7 @@ impl Volume {
         let mut freed = (0, 0);
         let mut seen = HashSet::new();
         for c in snap.chunks() {
-            if !sn.refs.contains_key(&c.id) && !live.contains(&c.id) && seen.insert(c.id) {
+            if !sn.holds(&c.id) && !live.contains(&c.id) && seen.insert(c.id) {
                 let _ = self.store.delete(Kind::Chunk, &c.name());
                 freed.0 += 1;
                 freed.1 += object_bytes(c);
@@ -879,11 +924,9 @@ impl Volume {
                         log::error!("snapshot inline content of inode {i} is damaged");
                         FsError::IO
                     })?;
+                let plain = zeroize::Zeroizing::new(plain);
                 let mut v = vec![0u8; (end - off) as usize];
-                let have = (plain.len() as u64).min(end);
-                if have > off {
-                    v[..(have - off) as usize].copy_from_slice(&plain[off as usize..have as usize]);
-                }
+                super::copy_window(&mut v, &plain, off as usize);
                 Ok(v)
             }
             RecordData::ChunkedFile(chunks) => {
@@ -899,10 +942,7 @@ impl Volume {
                     out.resize(start + (b - a), 0);
                     if let Ok(k) = chunks.binary_search_by_key(&idx, |(n, _)| *n) {
                         let c = self.load_chunk(&chunks[k].1)?;
-                        if c.len() > a {
-                            let hi = c.len().min(b);
-                            out[start..start + (hi - a)].copy_from_slice(&c[a..hi]);
-                        }
+                        super::copy_window(&mut out[start..], &c, a);
                     }
                     pos = cstart + b as u64;
                 }

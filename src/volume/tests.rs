@@ -914,17 +914,20 @@ fn unreadable_manifest_keeps_freed_chunks() {
     let old: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
     let (f, v, a) = volume_with_file_a(&old);
     v.snapshot_create("s1").unwrap();
+    let man = only_manifest(&f);
+    v.snapshot_create("s2").unwrap();
     v.close().unwrap();
     drop(v);
-    // the manifest cannot be read at the next open (EISDIR stands in for a
+    // s1's manifest cannot be read at the next open (EISDIR stands in for a
     // transient I/O error)
-    let man = only_manifest(&f);
     let aside = f.dir.path().join("aside");
     std::fs::rename(&man, &aside).unwrap();
     std::fs::create_dir(&man).unwrap();
     let v = f.open();
+    // neither the live volume nor deleting s2 may free what s1 holds
     v.write(a.ino, 0, &[9u8; 3 * 4096]).unwrap();
     v.commit(false).unwrap();
+    v.snapshot_delete("s2").unwrap();
     v.close().unwrap();
     drop(v);
     std::fs::remove_dir(&man).unwrap();
@@ -973,6 +976,26 @@ fn manifests_with_one_name_are_both_refused() {
     assert!(v.lookup(snapshot::SNAPDIR_INO, b"s").is_err());
     let e = v.gc(&mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("damaged"), "{e}");
+    v.close().unwrap();
+    drop(v);
+    // nor by a snapshot mount or a clone
+    let o = OpenOptions2 {
+        snapshot: Some("s".into()),
+        read_only: true,
+        ..f.opts()
+    };
+    let e = Volume::open(&f.store(), &f.ks, &o).unwrap_err().to_string();
+    assert!(e.contains("both named"), "{e}");
+    let o = clone::CloneOptions {
+        snapshot: Some("s".into()),
+        ..Default::default()
+    };
+    let dest = f.dir.path().join("clone");
+    let e = clone::clone_store(&f.store(), &dest, &f.ks, &o, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("both named"), "{e}");
+    assert!(!dest.exists());
 }
 
 #[test]
