@@ -133,23 +133,22 @@ pub fn fsck(
 
     // The live chain.
     let mut states: Vec<(String, BTreeMap<u64, InodeRecord>)> = Vec::new();
-    let ckpts: BTreeSet<u64> = names
-        .iter()
-        .filter_map(|n| parse_seq(n, "checkpoint"))
-        .collect();
-    let journals: BTreeSet<u64> = names
-        .iter()
-        .filter_map(|n| parse_seq(n, "journal"))
-        .collect();
     let damaged = |object: String, detail: String| Problem {
         kind: ProblemKind::Damaged,
         object,
         detail,
         paths: vec![],
     };
-    match ckpts.iter().next_back() {
-        None => {
-            complete = false;
+    let chain = read_chain(&store, &names, &meta_key, &sid);
+    used_meta.extend(chain.used);
+    let mut live = true; // the live state was read (maybe only in part)
+    if chain.fault.is_some() {
+        complete = false;
+    }
+    match chain.fault {
+        None => {}
+        Some(ChainFault::NoCheckpoint) => {
+            live = false;
             rep.problems.push(Problem {
                 kind: ProblemKind::Missing,
                 object: "meta/checkpoint-*".into(),
@@ -157,71 +156,41 @@ pub fn fsck(
                 paths: vec![],
             });
         }
-        Some(&c) => {
-            let cname = checkpoint_name(c);
-            used_meta.insert(cname.clone());
-            let opened = store
-                .get(Kind::Meta, &cname)
-                .map_err(|e| e.to_string())
-                .and_then(|d| open_checkpoint(&meta_key, &sid, c, &d).map_err(|e| e.to_string()));
-            match opened {
-                Err(e) => {
-                    complete = false;
-                    rep.problems.push(damaged(
-                        format!("meta/{cname}"),
-                        format!("{e}: the live volume cannot be read"),
-                    ));
-                }
-                Ok((body, mut tag)) => {
-                    let mut recs: BTreeMap<u64, InodeRecord> = body.inodes.into_iter().collect();
-                    for (expect, &j) in (c + 1..).zip(journals.range(c + 1..)) {
-                        let jname = journal_name(j);
-                        if j != expect {
-                            complete = false;
-                            rep.problems.push(Problem {
-                                kind: ProblemKind::Missing,
-                                object: format!("meta/{}", journal_name(expect)),
-                                detail: format!(
-                                    "journal record {expect} is missing; the changes of commits {expect}..{j} and later are lost (the volume will not mount)"
-                                ),
-                                paths: vec![],
-                            });
-                            break;
-                        }
-                        used_meta.insert(jname.clone());
-                        let opened = store
-                            .get(Kind::Meta, &jname)
-                            .map_err(|e| e.to_string())
-                            .and_then(|d| {
-                                open_journal(&meta_key, &sid, j, &tag, &d)
-                                    .map_err(|e| e.to_string())
-                            });
-                        match opened {
-                            Ok((b, t)) => {
-                                for (ino, r) in b.upserts {
-                                    recs.insert(ino, r);
-                                }
-                                for ino in b.deletes {
-                                    recs.remove(&ino);
-                                }
-                                tag = t;
-                            }
-                            Err(e) => {
-                                complete = false;
-                                // Name what can be named: the files the
-                                // readable state has, as of commit j - 1.
-                                rep.problems.push(damaged(
-                                    format!("meta/{jname}"),
-                                    format!("{e}; changes from commit {j} on are unreadable (the volume will not mount; files written since commit {} are affected)", j - 1),
-                                ));
-                                break;
-                            }
-                        }
-                    }
-                    states.push((String::new(), recs));
-                }
-            }
+        Some(ChainFault::Bad {
+            object, seq, why, ..
+        }) if seq == chain.ckpt => {
+            live = false;
+            rep.problems.push(damaged(
+                format!("meta/{object}"),
+                format!("{why}: the live volume cannot be read"),
+            ));
         }
+        Some(ChainFault::Bad {
+            object,
+            seq: j,
+            why,
+            ..
+        }) => {
+            // Name what can be named: the files the readable state has, as
+            // of commit j - 1.
+            rep.problems.push(damaged(
+                format!("meta/{object}"),
+                format!("{why}; changes from commit {j} on are unreadable (the volume will not mount; files written since commit {} are affected)", j - 1),
+            ));
+        }
+        Some(ChainFault::Missing { expect, found: j }) => {
+            rep.problems.push(Problem {
+                kind: ProblemKind::Missing,
+                object: format!("meta/{}", journal_name(expect)),
+                detail: format!(
+                    "journal record {expect} is missing; the changes of commits {expect}..{j} and later are lost (the volume will not mount)"
+                ),
+                paths: vec![],
+            });
+        }
+    }
+    if live {
+        states.push((String::new(), chain.records));
     }
     // Snapshots.
     for n in &names {

@@ -28,7 +28,7 @@ use std::time::Duration;
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
-use crate::crypto::{self, AeadKey, Key32};
+use crate::crypto::{self, AeadKey, Key32, TAG_LEN};
 use crate::kms::{self, Keystore, KmsError};
 use crate::store::{self, Kind, LocalDirStore, ObjectStore};
 use format::*;
@@ -351,6 +351,131 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The live volume's committed metadata as its chain of objects holds it:
+/// the newest checkpoint `c`, then journal records `c+1, c+2, …`, each
+/// authenticated and chained to the tag before it (docs/FORMAT.md, "Mount /
+/// recovery algorithm"). Reading stops at the first fault; what was read
+/// up to it is kept (fsck names the files of that state).
+pub(crate) struct Chain {
+    /// Sequence number of the checkpoint (0 when there is none).
+    pub ckpt: u64,
+    /// Sequence number of the last commit applied.
+    pub seq: u64,
+    /// Tag of the last object applied (the next record chains to it).
+    pub tag: [u8; TAG_LEN],
+    pub next_ino: u64,
+    pub records: BTreeMap<u64, InodeRecord>,
+    /// Names of the metadata objects the chain reached (read or not).
+    pub used: Vec<String>,
+    pub fault: Option<ChainFault>,
+}
+
+/// Why reading the chain stopped early.
+pub(crate) enum ChainFault {
+    NoCheckpoint,
+    /// Record `expect` is missing; `found` is the next one present.
+    Missing {
+        expect: u64,
+        found: u64,
+    },
+    /// An object of the chain could not be read (`io`) or did not open.
+    Bad {
+        object: String,
+        seq: u64,
+        io: Option<io::Error>,
+        why: String,
+    },
+}
+
+pub(crate) fn read_chain(
+    store: &dyn ObjectStore,
+    names: &[String],
+    meta_key: &AeadKey,
+    store_id: &[u8; 16],
+) -> Chain {
+    let mut chain = Chain {
+        ckpt: 0,
+        seq: 0,
+        tag: [0; TAG_LEN],
+        next_ino: ROOT_INO + 1,
+        records: BTreeMap::new(),
+        used: Vec::new(),
+        fault: None,
+    };
+    let seqs = |prefix: &str| -> BTreeSet<u64> {
+        names.iter().filter_map(|n| parse_seq(n, prefix)).collect()
+    };
+    let Some(&c) = seqs("checkpoint").iter().next_back() else {
+        chain.fault = Some(ChainFault::NoCheckpoint);
+        return chain;
+    };
+    let bad = |object: String, seq: u64, io: Option<io::Error>, why: String| {
+        Some(ChainFault::Bad {
+            object,
+            seq,
+            io,
+            why,
+        })
+    };
+    let cname = checkpoint_name(c);
+    chain.used.push(cname.clone());
+    chain.ckpt = c;
+    chain.seq = c;
+    let opened = match store.get(Kind::Meta, &cname) {
+        Ok(d) => open_checkpoint(meta_key, store_id, c, &d),
+        Err(e) => {
+            let why = e.to_string();
+            chain.fault = bad(cname, c, Some(e), why);
+            return chain;
+        }
+    };
+    match opened {
+        Ok((body, tag)) => {
+            chain.tag = tag;
+            chain.next_ino = body.next_ino;
+            chain.records = body.inodes.into_iter().collect();
+        }
+        Err(e) => {
+            chain.fault = bad(cname, c, None, e.to_string());
+            return chain;
+        }
+    }
+    for (expect, j) in (c + 1..).zip(seqs("journal").range(c + 1..).copied()) {
+        if j != expect {
+            chain.fault = Some(ChainFault::Missing { expect, found: j });
+            break;
+        }
+        let jname = journal_name(j);
+        chain.used.push(jname.clone());
+        let opened = match store.get(Kind::Meta, &jname) {
+            Ok(d) => open_journal(meta_key, store_id, j, &chain.tag, &d),
+            Err(e) => {
+                let why = e.to_string();
+                chain.fault = bad(jname, j, Some(e), why);
+                break;
+            }
+        };
+        match opened {
+            Ok((body, t)) => {
+                for (ino, rec) in body.upserts {
+                    chain.records.insert(ino, rec);
+                }
+                for ino in body.deletes {
+                    chain.records.remove(&ino);
+                }
+                chain.next_ino = chain.next_ino.max(body.next_ino);
+                chain.tag = t;
+                chain.seq = j;
+            }
+            Err(e) => {
+                chain.fault = bad(jname, j, None, e.to_string());
+                break;
+            }
+        }
+    }
+    chain
 }
 
 /// Take the store's lock file (non-blocking). Returns the open lock file.
@@ -911,58 +1036,31 @@ impl Volume {
             why,
         };
         let names = store.list(Kind::Meta).map_err(io_at(root))?;
-        let ckpts: BTreeSet<u64> = names
-            .iter()
-            .filter_map(|n| parse_seq(n, "checkpoint"))
-            .collect();
-        let journals: BTreeSet<u64> = names
-            .iter()
-            .filter_map(|n| parse_seq(n, "journal"))
-            .collect();
-        let Some(&cseq) = ckpts.iter().next_back() else {
-            return Err(meta_err(
-                "no checkpoint found (the metadata was deleted)".into(),
-            ));
-        };
-        let data = store
-            .get(Kind::Meta, &checkpoint_name(cseq))
-            .map_err(io_at(root))?;
-        let (ckpt, mut tag) = open_checkpoint(&meta_key, &hdr.store_id, cseq, &data)
-            .map_err(|e| meta_err(e.to_string()))?;
+        let chain = read_chain(&store, &names, &meta_key, &hdr.store_id);
+        match chain.fault {
+            None => {}
+            Some(ChainFault::NoCheckpoint) => {
+                return Err(meta_err(
+                    "no checkpoint found (the metadata was deleted)".into(),
+                ))
+            }
+            Some(ChainFault::Missing { expect, found }) => {
+                return Err(meta_err(format!(
+                    "journal record {expect} is missing (found {found} after it)"
+                )))
+            }
+            Some(ChainFault::Bad { io: Some(e), .. }) => return Err(io_at(root)(e)),
+            Some(ChainFault::Bad { why, .. }) => return Err(meta_err(why)),
+        }
         let ckeys: Vec<&AeadKey> = content_key.as_ref().map(|k| k.all()).unwrap_or_default();
         let mut st = State::new();
-        st.next_ino = ckpt.next_ino;
-        for (ino, rec) in ckpt.inodes {
+        st.next_ino = chain.next_ino;
+        for (ino, rec) in chain.records {
             let inode = Inode::from_record(ino, rec, &ckeys, &hdr.data_id)
                 .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
             st.inodes.insert(ino, inode);
         }
-        let mut seq = cseq;
-        let later: Vec<u64> = journals.range(cseq + 1..).copied().collect();
-        for (i, &j) in later.iter().enumerate() {
-            let expect = cseq + 1 + i as u64;
-            if j != expect {
-                return Err(meta_err(format!(
-                    "journal record {expect} is missing (found {j} after it)"
-                )));
-            }
-            let data = store
-                .get(Kind::Meta, &journal_name(j))
-                .map_err(io_at(root))?;
-            let (body, t) = open_journal(&meta_key, &hdr.store_id, j, &tag, &data)
-                .map_err(|e| meta_err(e.to_string()))?;
-            for (ino, rec) in body.upserts {
-                let inode = Inode::from_record(ino, rec, &ckeys, &hdr.data_id)
-                    .map_err(|e| meta_err(format!("inode {ino}: {e}")))?;
-                st.inodes.insert(ino, inode);
-            }
-            for ino in body.deletes {
-                st.inodes.remove(&ino);
-            }
-            st.next_ino = st.next_ino.max(body.next_ino);
-            tag = t;
-            seq = j;
-        }
+        let (cseq, seq, tag) = (chain.ckpt, chain.seq, chain.tag);
         if !st.inodes.contains_key(&ROOT_INO) {
             return Err(meta_err("the root directory is missing".into()));
         }
