@@ -198,19 +198,6 @@ struct HeaderBodyV1 {
     content_gen: u32,
 }
 
-/// Header body of store format version 2 (no data id).
-#[derive(Deserialize)]
-struct HeaderBodyV2 {
-    store_id: [u8; 16],
-    created: u64,
-    chunk_size: u32,
-    inline_max: u32,
-    vmk: WrappedKey,
-    vck: WrappedKey,
-    content_gen: u32,
-    rekey: Option<RekeyState>,
-}
-
 /// The format version of an encoded header (0 when it is not one).
 pub fn header_version(data: &[u8]) -> u16 {
     if data.len() < 10 || &data[..8] != HEADER_MAGIC {
@@ -254,9 +241,21 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
     }
     let raw = &data[14..14 + len];
     let unparsable = |_| bad("store header body does not parse");
-    let body: HeaderBody = if version == 1 {
-        let v: HeaderBodyV1 = postcard::from_bytes(raw).map_err(unparsable)?;
-        HeaderBody {
+    // Each version's body is the previous one with fields appended (and
+    // postcard puts nothing between fields): format 2 = format 1 ‖ rekey.
+    let old = match version {
+        1 => Some((
+            postcard::from_bytes::<HeaderBodyV1>(raw).map_err(unparsable)?,
+            None,
+        )),
+        2 => Some(
+            postcard::from_bytes::<(HeaderBodyV1, Option<RekeyState>)>(raw).map_err(unparsable)?,
+        ),
+        _ => None,
+    };
+    let body: HeaderBody = match old {
+        // Formats 1 and 2 bound chunks to the store id: it is their data id.
+        Some((v, rekey)) => HeaderBody {
             store_id: v.store_id,
             created: v.created,
             chunk_size: v.chunk_size,
@@ -264,24 +263,10 @@ pub fn decode_header(data: &[u8]) -> Result<HeaderBody, FormatError> {
             vmk: v.vmk,
             vck: v.vck,
             content_gen: v.content_gen,
-            rekey: None,
+            rekey,
             data_id: v.store_id,
-        }
-    } else if version == 2 {
-        let v: HeaderBodyV2 = postcard::from_bytes(raw).map_err(unparsable)?;
-        HeaderBody {
-            store_id: v.store_id,
-            created: v.created,
-            chunk_size: v.chunk_size,
-            inline_max: v.inline_max,
-            vmk: v.vmk,
-            vck: v.vck,
-            content_gen: v.content_gen,
-            rekey: v.rekey,
-            data_id: v.store_id,
-        }
-    } else {
-        postcard::from_bytes(raw).map_err(|_| bad("store header body does not parse"))?
+        },
+        None => postcard::from_bytes(raw).map_err(unparsable)?,
     };
     if !(4096..=(16 << 20)).contains(&body.chunk_size) || !body.chunk_size.is_power_of_two() {
         return Err(bad("store header has an invalid chunk size"));

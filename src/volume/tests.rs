@@ -1026,29 +1026,6 @@ fn cloning_the_live_state_holds_the_store_lock() {
 }
 
 #[test]
-fn a_shared_chunk_is_unlinked_not_recycled() {
-    use crate::store::{Kind, LocalDirStore, ObjectStore};
-    let d = tempfile::tempdir().unwrap();
-    let root = d.path().join("s");
-    LocalDirStore::init(&root).unwrap();
-    let s = LocalDirStore::open(&root).unwrap();
-    let name = "00112233445566778899aabbccddeeff";
-    s.put(Kind::Chunk, name, b"chunk bytes", false).unwrap();
-    let linked = d.path().join("link");
-    std::fs::hard_link(s.object_path(Kind::Chunk, name).unwrap(), &linked).unwrap();
-    s.delete(Kind::Chunk, name).unwrap();
-    // a new object may take a recycled file: never the shared one
-    s.put(
-        Kind::Chunk,
-        "ffeeddccbbaa99887766554433221100",
-        b"other",
-        false,
-    )
-    .unwrap();
-    assert_eq!(std::fs::read(&linked).unwrap(), b"chunk bytes");
-}
-
-#[test]
 fn setattr_of_a_removed_inode_is_accepted_and_changes_nothing() {
     let (_f, v, a) = volume_with_file_a(&[5u8; 9000]);
     v.unlink(ROOT_INO, b"a").unwrap();
