@@ -1,62 +1,217 @@
-//! The object store: a flat namespace of immutable objects. The volume layer
-//! talks only to the [`ObjectStore`] trait, so another backend (for example
-//! an S3-compatible one) can slot in without touching it.
+//! The object store: everything a volume keeps persistently goes through
+//! the [`ObjectStore`] trait, so the volume layer never touches `std::fs`
+//! and does not know where its objects live. Backends:
+//!
+//! - [`local::LocalDirStore`]: a directory on a local file system, opened
+//!   beneath a directory handle without following any symlink (the store is
+//!   hostile input);
+//! - `s3`: an S3-compatible bucket (`s3://BUCKET/PREFIX`).
+//!
+//! A store holds:
+//!
+//! - one header object ([`Kind::Header`]),
+//! - immutable, randomly named objects of a few kinds ([`Kind`]),
+//! - a write-ahead log of numbered records ([`ObjectStore::log_append`]),
+//! - the single-writer lock or lease ([`ObjectStore::lock`]).
+//!
+//! Nothing a backend reads is trusted: the volume layer authenticates every
+//! byte. A backend's own duty is to refuse anything that is not a plain
+//! object of a plausible size, and never to read or write outside the store.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::any::Any;
+use std::io;
 
-/// What kind of object a name refers to; backends may place kinds apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub mod local;
+
+pub use local::{sync_dir, write_atomic, LocalDirStore};
+
+/// What kind of object a name refers to; backends place kinds apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
-    /// Encrypted file-content chunks (`chunks/ab/<id>`).
+    /// The store header (`sealfs.store`); its name is always
+    /// [`HEADER_NAME`].
+    Header,
+    /// Encrypted file-content chunks (`chunks/ab/<id>` locally).
     Chunk,
-    /// Metadata journal records and checkpoints (`meta/<name>`).
+    /// Sealed metadata-tree nodes (`nodes/ab/<id>` locally).
+    Node,
+    /// Other metadata objects (`meta/<name>` locally): root records, and
+    /// the journal records, checkpoints and snapshot manifests of store
+    /// format 3.
     Meta,
 }
 
-/// A store of immutable objects.
-pub trait ObjectStore: Send + Sync {
-    /// Store an object. With `durable`, it is on stable storage and its name
-    /// is visible atomically (all or nothing) when this returns; otherwise it
-    /// becomes durable at the next [`ObjectStore::sync`].
+impl Kind {
+    /// A short word for messages.
+    pub fn word(self) -> &'static str {
+        match self {
+            Kind::Header => "header",
+            Kind::Chunk => "chunk",
+            Kind::Node => "metadata node",
+            Kind::Meta => "metadata object",
+        }
+    }
+}
+
+/// The one name a [`Kind::Header`] object has.
+pub const HEADER_NAME: &str = "sealfs.store";
+
+/// Largest object a store may hold, of any kind; anything larger is refused
+/// before it is read.
+pub const MAX_OBJECT: usize = 64 << 20;
+
+/// Largest write-ahead-log record.
+pub const MAX_LOG_RECORD: usize = 64 << 20;
+
+/// The records of a log, per segment: `(seq, record)` in append order.
+pub type LogSegments = Vec<Vec<(u64, Vec<u8>)>>;
+
+/// Space of the store's backing (for statfs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Space {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    /// Bytes available to an unprivileged writer.
+    pub avail_bytes: u64,
+    /// Free object slots (inodes of a local file system; u64::MAX/2 when
+    /// unlimited).
+    pub free_objects: u64,
+}
+
+/// Who holds (or wants) a store's writer lock: written into the store so
+/// that a second writer can be told who has it, and so that a lock left by
+/// a process that died can be recognised as stale.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Holder {
+    /// `/etc/machine-id` (or a generated id kept in the state directory).
+    pub host_id: String,
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+    pub hostname: String,
+    pub pid: u32,
+    /// Start time of the process (clock ticks since boot, from
+    /// `/proc/PID/stat`), so that a reused pid is not mistaken for the
+    /// holder.
+    pub start_time: u64,
+    /// What holds it: "mount /mnt/x", "gc", "fsck --repair", ...
+    pub what: String,
+    /// Unix seconds when the lock was taken and last renewed.
+    pub taken: u64,
+    pub renewed: u64,
+}
+
+/// Why the writer lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Someone else holds it and is (or may be) alive.
+    #[error("{0}")]
+    Held(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A held writer lock. Dropping it releases the lock.
+pub trait WriterLock: Send + Sync {
+    /// Renew the lease (backends whose lock expires); called every few
+    /// seconds while it is held. An error means the lock was lost (taken
+    /// over, expired, or the lease was removed): the holder must stop
+    /// writing.
+    fn renew(&self) -> io::Result<()>;
+    /// Whether the lock is known to be lost.
+    fn lost(&self) -> bool;
+}
+
+/// A store of objects, a log, and a lock.
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// The store's location, for messages (a path, or `s3://bucket/prefix`).
+    fn location(&self) -> String;
+
+    /// Store an object. With `durable`, it is on stable storage and its
+    /// name is visible atomically (all or nothing, replacing an older
+    /// object of that name) when this returns; otherwise it becomes
+    /// durable at the next [`ObjectStore::sync`]. Non-durable puts are only
+    /// made for fresh names no committed state refers to yet.
     fn put(&self, kind: Kind, name: &str, data: &[u8], durable: bool) -> io::Result<()>;
-    /// Read a whole object.
-    fn get(&self, kind: Kind, name: &str) -> io::Result<Vec<u8>>;
+
+    /// Read a whole object of at most `max_len` bytes. A missing object is
+    /// `ErrorKind::NotFound`; anything that is not a plain object of at
+    /// most `max_len` bytes is `ErrorKind::InvalidData` with a message
+    /// naming the object, and is never read.
+    fn get(&self, kind: Kind, name: &str, max_len: usize) -> io::Result<Vec<u8>>;
+
     /// Delete an object; deleting a missing object is not an error.
     fn delete(&self, kind: Kind, name: &str) -> io::Result<()>;
-    /// Names of all objects of a kind.
+
+    /// Names of all objects of a kind, sorted. Entries that cannot be
+    /// objects (bad names, not plain files) are left out.
     fn list(&self, kind: Kind) -> io::Result<Vec<String>>;
+
     /// Make every earlier non-durable put durable.
     fn sync(&self) -> io::Result<()>;
+
     /// Bytes and object count used by a kind (for `sealfs info`).
     fn usage(&self, kind: Kind) -> io::Result<(u64, u64)>;
+
+    /// Space of the backing storage.
+    fn space(&self) -> io::Result<Space>;
+
+    /// Append record `seq` to the write-ahead log; it is durable when this
+    /// returns. Records are appended in increasing `seq` order. The first
+    /// append after the store was opened may start a new segment.
+    fn log_append(&self, seq: u64, record: &[u8]) -> io::Result<()>;
+
+    /// The log's records with `seq >= from`, per segment in segment order,
+    /// each segment in the order its records were appended. Reading a
+    /// segment stops at the first frame that is torn or malformed (after a
+    /// crash the last one may be); what came before it is returned. The
+    /// caller authenticates every record and checks that sequence numbers
+    /// follow each other. At most `max_total` bytes are returned
+    /// (`InvalidData` beyond that).
+    fn log_read(&self, from: u64, max_total: usize) -> io::Result<LogSegments>;
+
+    /// Records `<= upto` are no longer needed (a newer root covers them):
+    /// the backend may delete whole segments that hold only such records.
+    fn log_trim(&self, upto: u64) -> io::Result<()>;
+
+    /// Take the single-writer lock (with `force`, take it over from a
+    /// holder on another host that cannot be shown to be dead; a dead
+    /// holder on this host is always taken over).
+    fn lock(&self, holder: &Holder, force: bool) -> Result<Box<dyn WriterLock>, LockError>;
+
+    /// Who holds the writer lock now, if anyone seems to (for messages and
+    /// `sealfs info`).
+    fn lock_holder(&self) -> io::Result<Option<Holder>>;
+
+    /// For backend-specific fast paths (hard links between two local
+    /// stores on one file system, in `sealfs clone`).
+    fn as_any(&self) -> &dyn Any;
 }
 
-/// The local-directory backend.
-#[derive(Debug)]
-pub struct LocalDirStore {
-    root: PathBuf,
-    root_fd: File,
-    /// Deleted chunk files kept for reuse (see [`RECYCLE_DIR`]).
-    recycle: parking_lot::Mutex<Recycle>,
+/// Copy object `name` of `kind` from `src` into `dst` (non-durable), by a
+/// hard link when both are local stores on one file system; returns
+/// whether it was linked (shared) rather than copied.
+pub fn copy_object(
+    src: &dyn ObjectStore,
+    dst: &dyn ObjectStore,
+    kind: Kind,
+    name: &str,
+) -> io::Result<bool> {
+    if let (Some(a), Some(b)) = (
+        src.as_any().downcast_ref::<LocalDirStore>(),
+        dst.as_any().downcast_ref::<LocalDirStore>(),
+    ) {
+        if b.link_from(a, kind, name)? {
+            return Ok(true);
+        }
+    }
+    let data = src.get(kind, name, MAX_OBJECT)?;
+    dst.put(kind, name, &data, false)?;
+    Ok(false)
 }
 
-/// Deleted chunk objects are renamed into this directory and reused for
-/// new objects, instead of being unlinked and created again: ext4 spends
-/// most of its time allocating and freeing inodes when many files are
-/// replaced quickly. They are truncated to zero bytes when recycled.
-pub const RECYCLE_DIR: &str = "recycle";
-/// At most this many files are kept for reuse.
-const RECYCLE_MAX: usize = 16384;
-
-#[derive(Debug, Default)]
-struct Recycle {
-    free: Vec<PathBuf>,
-    next: u64,
-}
-
-fn valid_name(name: &str) -> bool {
+/// Check an object name: `[A-Za-z0-9._-]`, 1 to 128 bytes, not starting
+/// with a dot.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
@@ -65,267 +220,10 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
-fn bad_name(name: &str) -> io::Error {
+/// The error for a name that cannot be an object's.
+pub fn bad_name(name: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
         format!("invalid object name {name:?}"),
     )
-}
-
-/// fsync a directory so that renames and creations in it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Write `data` to `path` atomically: temp file, fsync, rename, fsync dir.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".tmp-");
-    tmp_name.push(file_name);
-    let tmp = dir.join(tmp_name);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
-}
-
-impl LocalDirStore {
-    /// Lay out the directories of a new store under `root` (which must exist).
-    pub fn init(root: &Path) -> io::Result<()> {
-        let chunks = root.join("chunks");
-        fs::create_dir_all(&chunks)?;
-        for i in 0..=255u8 {
-            fs::create_dir_all(chunks.join(format!("{i:02x}")))?;
-        }
-        fs::create_dir_all(root.join("meta"))?;
-        fs::create_dir_all(root.join(RECYCLE_DIR))?;
-        sync_dir(&chunks)?;
-        sync_dir(root)
-    }
-
-    /// Open an existing store directory.
-    pub fn open(root: &Path) -> io::Result<Self> {
-        let root_fd = File::open(root)?;
-        for sub in ["chunks", "meta"] {
-            if !root.join(sub).is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{} is missing", root.join(sub).display()),
-                ));
-            }
-        }
-        let rdir = root.join(RECYCLE_DIR);
-        let mut recycle = Recycle::default();
-        match fs::read_dir(&rdir) {
-            Ok(rd) => {
-                for e in rd.flatten() {
-                    if let Some(n) = e.file_name().to_str().and_then(|n| n.strip_prefix('r')) {
-                        if let Ok(k) = n.parse::<u64>() {
-                            recycle.next = recycle.next.max(k + 1);
-                            recycle.free.push(e.path());
-                        }
-                    }
-                }
-            }
-            Err(_) => {
-                let _ = fs::create_dir_all(&rdir);
-            }
-        }
-        Ok(LocalDirStore {
-            root: root.to_path_buf(),
-            root_fd,
-            recycle: parking_lot::Mutex::new(recycle),
-        })
-    }
-
-    /// The file of an object (for `sealfs clone`, which hard-links or
-    /// copies immutable chunk objects into a new store).
-    pub fn object_path(&self, kind: Kind, name: &str) -> io::Result<PathBuf> {
-        self.path(kind, name)
-    }
-
-    fn path(&self, kind: Kind, name: &str) -> io::Result<PathBuf> {
-        if !valid_name(name) {
-            return Err(bad_name(name));
-        }
-        Ok(match kind {
-            Kind::Chunk => {
-                if name.len() < 2 {
-                    return Err(bad_name(name));
-                }
-                self.root.join("chunks").join(&name[..2]).join(name)
-            }
-            Kind::Meta => self.root.join("meta").join(name),
-        })
-    }
-
-    fn dirs(&self, kind: Kind) -> Vec<PathBuf> {
-        match kind {
-            Kind::Chunk => (0..=255u8)
-                .map(|i| self.root.join("chunks").join(format!("{i:02x}")))
-                .collect(),
-            Kind::Meta => vec![self.root.join("meta")],
-        }
-    }
-}
-
-impl ObjectStore for LocalDirStore {
-    fn put(&self, kind: Kind, name: &str, data: &[u8], durable: bool) -> io::Result<()> {
-        let p = self.path(kind, name)?;
-        if durable {
-            write_atomic(&p, data)
-        } else {
-            // Non-durable puts are only used for fresh, never-referenced
-            // names: a crash can leave a partial object, but no committed
-            // metadata points at it until after `sync`.
-            if kind == Kind::Chunk {
-                let reuse = self.recycle.lock().free.pop();
-                if let Some(r) = reuse {
-                    if fs::rename(&r, &p).is_err() {
-                        let _ = fs::remove_file(&r);
-                    }
-                }
-            }
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&p)?;
-            f.write_all(data)
-        }
-    }
-
-    fn get(&self, kind: Kind, name: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.path(kind, name)?)
-    }
-
-    fn delete(&self, kind: Kind, name: &str) -> io::Result<()> {
-        let p = self.path(kind, name)?;
-        if kind == Kind::Chunk {
-            let mut r = self.recycle.lock();
-            if r.free.len() < RECYCLE_MAX {
-                let to = self.root.join(RECYCLE_DIR).join(format!("r{}", r.next));
-                r.next += 1;
-                match fs::rename(&p, &to) {
-                    Ok(()) => {
-                        // A chunk hard-linked into a clone (`sealfs clone`)
-                        // is shared: it must only be unlinked, never
-                        // truncated and reused. Checked after the rename,
-                        // so no new link can appear in between (a clone
-                        // linking the old name now gets ENOENT).
-                        use std::os::unix::fs::MetadataExt;
-                        let shared = fs::metadata(&to).map(|m| m.nlink() > 1).unwrap_or(true);
-                        if shared {
-                            return match fs::remove_file(&to) {
-                                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                                other => other,
-                            };
-                        }
-                        // free the blocks now; keep the inode for reuse
-                        let _ = OpenOptions::new()
-                            .write(true)
-                            .open(&to)
-                            .and_then(|f| f.set_len(0));
-                        r.free.push(to);
-                        return Ok(());
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                    Err(_) => {} // fall back to unlinking
-                }
-            }
-        }
-        match fs::remove_file(p) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
-    }
-
-    fn list(&self, kind: Kind) -> io::Result<Vec<String>> {
-        let mut out = Vec::new();
-        for d in self.dirs(kind) {
-            let rd = match fs::read_dir(&d) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            for e in rd {
-                let e = e?;
-                if let Some(n) = e.file_name().to_str() {
-                    if valid_name(n) {
-                        out.push(n.to_string());
-                    }
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        rustix::fs::syncfs(&self.root_fd).map_err(io::Error::from)
-    }
-
-    fn usage(&self, kind: Kind) -> io::Result<(u64, u64)> {
-        let mut bytes = 0;
-        let mut count = 0;
-        for d in self.dirs(kind) {
-            let Ok(rd) = fs::read_dir(&d) else { continue };
-            for e in rd.flatten() {
-                if let Ok(m) = e.metadata() {
-                    bytes += m.len();
-                    count += 1;
-                }
-            }
-        }
-        Ok((bytes, count))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn put_get_list_delete() {
-        let d = tempfile::tempdir().unwrap();
-        LocalDirStore::init(d.path()).unwrap();
-        let s = LocalDirStore::open(d.path()).unwrap();
-        s.put(Kind::Chunk, "abcdef", b"x", false).unwrap();
-        s.put(Kind::Meta, "journal-1", b"y", true).unwrap();
-        s.sync().unwrap();
-        assert_eq!(s.get(Kind::Chunk, "abcdef").unwrap(), b"x");
-        assert!(d.path().join("chunks/ab/abcdef").exists());
-        assert_eq!(s.list(Kind::Chunk).unwrap(), vec!["abcdef"]);
-        assert_eq!(s.list(Kind::Meta).unwrap(), vec!["journal-1"]);
-        s.delete(Kind::Chunk, "abcdef").unwrap();
-        s.delete(Kind::Chunk, "abcdef").unwrap();
-        assert!(s.list(Kind::Chunk).unwrap().is_empty());
-        // the deleted file is recycled for the next chunk
-        assert_eq!(fs::read_dir(d.path().join(RECYCLE_DIR)).unwrap().count(), 1);
-        s.put(Kind::Chunk, "cdef01", b"new", false).unwrap();
-        assert_eq!(s.get(Kind::Chunk, "cdef01").unwrap(), b"new");
-        assert_eq!(fs::read_dir(d.path().join(RECYCLE_DIR)).unwrap().count(), 0);
-        drop(s);
-        let s = LocalDirStore::open(d.path()).unwrap();
-        // a hard-linked chunk (shared with a clone) is unlinked, not recycled
-        s.put(Kind::Chunk, "abcd02", b"shared", false).unwrap();
-        let other = d.path().join("clone-of-abcd02");
-        fs::hard_link(s.object_path(Kind::Chunk, "abcd02").unwrap(), &other).unwrap();
-        s.delete(Kind::Chunk, "abcd02").unwrap();
-        assert_eq!(fs::read(&other).unwrap(), b"shared");
-        assert_eq!(fs::read_dir(d.path().join(RECYCLE_DIR)).unwrap().count(), 0);
-        assert!(s.put(Kind::Meta, "../evil", b"", true).is_err());
-        assert!(s.put(Kind::Meta, ".hidden", b"", true).is_err());
-        assert_eq!(s.usage(Kind::Meta).unwrap(), (1, 1));
-    }
 }

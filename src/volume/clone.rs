@@ -261,7 +261,9 @@ fn build(
             )
         };
         if o.reencrypt {
-            let data = from.get(Kind::Chunk, &name).map_err(missing)?;
+            let data = from
+                .get(Kind::Chunk, &name, crate::store::MAX_OBJECT)
+                .map_err(missing)?;
             let g = chunk_gen(&data).unwrap_or(0);
             let plain = zeroize::Zeroizing::new(
                 open_chunk(&old_key, &hdr.data_id, id, g, r.len as usize, &data)

@@ -199,7 +199,7 @@ pub fn fsck(
         };
         used_meta.insert(n.clone());
         let opened = store
-            .get(Kind::Meta, n)
+            .get(Kind::Meta, n, crate::store::MAX_OBJECT)
             .map_err(|e| e.to_string())
             .and_then(|d| open_snapshot(&meta_key, &sid, id, &d).map_err(|e| e.to_string()));
         match opened {
@@ -269,7 +269,7 @@ pub fn fsck(
     sorted.sort_by_key(|(id, _)| **id);
     for (n, (id, (cr, paths))) in sorted.into_iter().enumerate() {
         let name = hex::encode(id);
-        match store.get(Kind::Chunk, &name) {
+        match store.get(Kind::Chunk, &name, crate::store::MAX_OBJECT) {
             Err(e) => rep.problems.push(Problem {
                 kind: ProblemKind::Missing,
                 object: chunk_object(&name),

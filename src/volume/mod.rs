@@ -423,7 +423,7 @@ pub(crate) fn read_chain(
     chain.used.push(cname.clone());
     chain.ckpt = c;
     chain.seq = c;
-    let opened = match store.get(Kind::Meta, &cname) {
+    let opened = match store.get(Kind::Meta, &cname, store::MAX_OBJECT) {
         Ok(d) => open_checkpoint(meta_key, store_id, c, &d),
         Err(e) => {
             let why = e.to_string();
@@ -449,7 +449,7 @@ pub(crate) fn read_chain(
         }
         let jname = journal_name(j);
         chain.used.push(jname.clone());
-        let opened = match store.get(Kind::Meta, &jname) {
+        let opened = match store.get(Kind::Meta, &jname, store::MAX_OBJECT) {
             Ok(d) => open_journal(meta_key, store_id, j, &chain.tag, &d),
             Err(e) => {
                 let why = e.to_string();
@@ -888,14 +888,17 @@ impl Volume {
         progress(0, total);
         let mut since_commit = 0;
         for (n, (ino, idx, r)) in todo.into_iter().enumerate() {
-            let data = self.store.get(Kind::Chunk, &r.name()).map_err(|e| {
-                log::error!(
-                    "re-key: chunk {} of {} is unreadable: {e}",
-                    r.name(),
-                    self.path_of(ino)
-                );
-                FsError::IO
-            })?;
+            let data = self
+                .store
+                .get(Kind::Chunk, &r.name(), store::MAX_OBJECT)
+                .map_err(|e| {
+                    log::error!(
+                        "re-key: chunk {} of {} is unreadable: {e}",
+                        r.name(),
+                        self.path_of(ino)
+                    );
+                    FsError::IO
+                })?;
             let gen = chunk_gen(&data).unwrap_or(0);
             if gen != keys.cur.0 {
                 let key = keys.for_gen(gen).ok_or_else(|| {
@@ -1567,10 +1570,13 @@ impl Volume {
         if let Some(c) = self.cache.lock().get(&r.id) {
             return Ok(c.clone());
         }
-        let data = self.store.get(Kind::Chunk, &r.name()).map_err(|e| {
-            log::error!("chunk {} is unreadable: {e}", r.name());
-            FsError::IO
-        })?;
+        let data = self
+            .store
+            .get(Kind::Chunk, &r.name(), store::MAX_OBJECT)
+            .map_err(|e| {
+                log::error!("chunk {} is unreadable: {e}", r.name());
+                FsError::IO
+            })?;
         let keys = self.content_key.lock().clone().ok_or(FsError::ACCES)?;
         // During a re-key a chunk may still be under the previous key.
         let gen = chunk_gen(&data).unwrap_or(keys.cur.0);

@@ -313,7 +313,7 @@ pub(crate) fn find_snapshot(
             continue;
         };
         let body = store
-            .get(Kind::Meta, n)
+            .get(Kind::Meta, n, crate::store::MAX_OBJECT)
             .map_err(|e| e.to_string())
             .and_then(|d| open_snapshot(meta_key, store_id, id, &d).map_err(|e| e.to_string()));
         match body {
@@ -487,7 +487,7 @@ impl Volume {
             }
             let body = self
                 .store
-                .get(Kind::Meta, n)
+                .get(Kind::Meta, n, crate::store::MAX_OBJECT)
                 .map_err(|e| e.to_string())
                 .and_then(|d| {
                     open_snapshot(&self.meta_key, &self.hdr.store_id, id, &d)
@@ -757,7 +757,11 @@ impl Volume {
             if referenced {
                 report.referenced += 1;
             } else if id.is_some() {
-                let bytes = self.store.get(Kind::Chunk, n).map(|d| d.len()).unwrap_or(0);
+                let bytes = self
+                    .store
+                    .get(Kind::Chunk, n, crate::store::MAX_OBJECT)
+                    .map(|d| d.len())
+                    .unwrap_or(0);
                 if self.store.delete(Kind::Chunk, n).is_ok() {
                     report.chunks_removed += 1;
                     report.bytes_removed += bytes as u64;
