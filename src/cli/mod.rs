@@ -1199,7 +1199,7 @@ fn run_daemon_child(g: &Global, store: &Path, mountpoint: &Path, o: &MountOpts) 
             return None;
         }
         // logs name files: keep them private to the mounting user
-        let d = volume::default_state_dir().join("log");
+        let d = volume::default_state_dir().ok()?.join("log");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

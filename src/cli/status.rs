@@ -37,7 +37,11 @@ pub struct MountStatus {
 
 /// Where status files live.
 pub fn run_dir() -> PathBuf {
-    volume::default_state_dir().join("run")
+    // without a state directory there are no status files; the empty path
+    // makes every lookup fail
+    volume::default_state_dir()
+        .map(|d| d.join("run"))
+        .unwrap_or_default()
 }
 
 fn now() -> u64 {

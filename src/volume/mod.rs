@@ -176,8 +176,8 @@ pub struct OpenOptions2 {
     /// Dirty (not yet encrypted) chunk data kept in memory before it is
     /// written out ahead of the next commit.
     pub dirty_bytes: usize,
-    /// Directory for local state (last seen commit per volume); None disables
-    /// rollback detection.
+    /// Directory for local state (last seen commit per volume): `None`
+    /// means [`default_state_dir`] (an error when there is none).
     pub state_dir: Option<PathBuf>,
     /// Open this snapshot (read-only) instead of the live state.
     pub snapshot: Option<String>,
@@ -189,7 +189,7 @@ impl Default for OpenOptions2 {
             read_only: false,
             cache_bytes: 256 << 20,
             dirty_bytes: 512 << 20,
-            state_dir: Some(default_state_dir()),
+            state_dir: None,
             snapshot: None,
         }
     }
@@ -197,19 +197,26 @@ impl Default for OpenOptions2 {
 
 /// Where sealfs keeps per-machine state: `$SEALFS_STATE_DIR`, else
 /// `/var/lib/sealfs` for root, else `$XDG_STATE_HOME/sealfs` or
-/// `~/.local/state/sealfs`.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("SEALFS_STATE_DIR") {
-        return PathBuf::from(p);
+/// `~/.local/state/sealfs`. Never a shared, world-writable place such as
+/// `/tmp`: with none of these, an error says what to set.
+pub fn default_state_dir() -> io::Result<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(p) = nonempty("SEALFS_STATE_DIR") {
+        return Ok(PathBuf::from(p));
     }
     if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/sealfs");
+        return Ok(PathBuf::from("/var/lib/sealfs"));
     }
-    std::env::var_os("XDG_STATE_HOME")
+    nonempty("XDG_STATE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
-        .join("sealfs")
+        .or_else(|| nonempty("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|d| d.join("sealfs"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no state directory for sealfs: set HOME, XDG_STATE_HOME or SEALFS_STATE_DIR",
+            )
+        })
 }
 
 /// Attributes of an inode.
@@ -1072,10 +1079,15 @@ impl Volume {
         st.ckpt_seq = cseq;
         st.records_since_ckpt = seq - cseq;
         // Rollback detection against local state.
-        let state_file = opts.state_dir.as_ref().map(|d| {
-            d.join("volumes")
-                .join(format!("{}.seq", volume_id_hex(&hdr.store_id)))
-        });
+        let state_dir = match &opts.state_dir {
+            Some(d) => d.clone(),
+            None => default_state_dir().map_err(io_at(root))?,
+        };
+        let state_file = Some(
+            state_dir
+                .join("volumes")
+                .join(format!("{}.seq", volume_id_hex(&hdr.store_id))),
+        );
         if let Some(sf) = &state_file {
             if let Ok(s) = fs::read_to_string(sf) {
                 if let Ok(seen) = s.trim().parse::<u64>() {

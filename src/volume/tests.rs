@@ -309,7 +309,7 @@ fn crash_state_reopens_with_committed_data() {
     copy_dir(&f.store(), &copy);
     std::fs::remove_file(copy.join(LOCK_FILE)).ok();
     let mut o = f.opts();
-    o.state_dir = None;
+    o.state_dir = Some(f.dir.path().join("state-of-the-copy"));
     let v2 = Volume::open(&copy, &f.ks, &o).unwrap();
     assert_eq!(read_all(&v2, a.ino), vec![3u8; 9000]);
     assert_eq!(v2.lookup(ROOT_INO, b"b").unwrap_err(), FsError::NOENT);
