@@ -1118,9 +1118,20 @@ impl Volume {
         if !root.join(HEADER_FILE).exists() {
             return Err(OpenError::NotAStore(root.to_path_buf()));
         }
-        let store = open_store(root)?;
-        let lock = lock_store(&store)?;
-        let (mut hdr, vmk, vck) = read_header(&store, ks)?;
+        Self::open_in(Box::new(open_store(root)?), ks, opts)
+    }
+
+    /// [`Volume::open`] on a given object store (tests wrap the local one
+    /// to inject faults).
+    pub fn open_in(
+        store: Box<dyn ObjectStore>,
+        ks: &Keystore,
+        opts: &OpenOptions2,
+    ) -> Result<Arc<Volume>, OpenError> {
+        let root_buf = PathBuf::from(store.location());
+        let root = root_buf.as_path();
+        let lock = lock_store(&*store)?;
+        let (mut hdr, vmk, vck) = read_header(&*store, ks)?;
         let mut rewrap_vck = None;
         let (content_key, unavailable) = match vck {
             Ok(vck) => {
@@ -1147,7 +1158,7 @@ impl Volume {
             why,
         };
         let names = store.list(Kind::Meta).map_err(io_at(root))?;
-        let chain = read_chain(&store, &names, &meta_key, &hdr.store_id);
+        let chain = read_chain(&*store, &names, &meta_key, &hdr.store_id);
         match chain.fault {
             None => {}
             Some(ChainFault::NoCheckpoint) => {
@@ -1202,7 +1213,7 @@ impl Volume {
         // live chain passed the rollback check above).
         let mut snap_state = None;
         if let Some(name) = &opts.snapshot {
-            let found = snapshot::find_snapshot(&store, &names, &meta_key, &hdr.store_id, name)
+            let found = snapshot::find_snapshot(&*store, &names, &meta_key, &hdr.store_id, name)
                 .map_err(meta_err)?;
             let Some(body) = found else {
                 return Err(OpenError::UnknownSnapshot {
@@ -1225,14 +1236,14 @@ impl Volume {
         }
         let snapshot_view = snap_state.is_some();
         if let Some(vck) = rewrap_vck {
-            hdr = rewrap_header(&store, ks, &hdr, &vmk, &vck, None)?;
+            hdr = rewrap_header(&*store, ks, &hdr, &vmk, &vck, None)?;
         }
         drop(vmk);
         let st = snap_state.unwrap_or(st);
         let cache_entries = (opts.cache_bytes / hdr.chunk_size as usize).max(16);
         let vol = Arc::new(Volume {
             root: root.to_path_buf(),
-            store: Box::new(store),
+            store,
             meta_key,
             content_key: Mutex::new(content_key),
             content_gate: RwLock::new(unavailable),
