@@ -868,9 +868,6 @@ impl ObjectStore for LocalDirStore {
                 super::judge_lease(&self.location(), &h, holder, force)?;
             }
         }
-        let lease = serde_json::to_vec_pretty(holder).map_err(io::Error::other)?;
-        atomic_in(self.root_fd.as_fd(), LEASE_NAME, &lease, 0o644)
-            .map_err(|e| open_err(&self.root, LEASE_NAME, e))?;
         let root_fd = self.root_fd.try_clone().map_err(LockError::Io)?;
         HELD.lock().insert(key, holder.what.clone());
         Ok(Box::new(LocalLock {
@@ -880,6 +877,7 @@ impl ObjectStore for LocalDirStore {
             root_fd,
             holder: parking_lot::Mutex::new(holder.clone()),
             lost: std::sync::atomic::AtomicBool::new(false),
+            claimed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -900,11 +898,25 @@ struct LocalLock {
     root_fd: OwnedFd,
     holder: parking_lot::Mutex<Holder>,
     lost: std::sync::atomic::AtomicBool,
+    /// The lease was written (by the first `renew`).
+    claimed: std::sync::atomic::AtomicBool,
 }
 
 impl WriterLock for LocalLock {
     fn renew(&self) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
         let mut me = self.holder.lock();
+        if !self.claimed.load(Ordering::Relaxed) {
+            // the first renewal writes the lease over what `lock` judged
+            // could be taken over
+            me.taken = super::unix_now();
+            me.renewed = me.taken;
+            let lease = serde_json::to_vec_pretty(&*me).map_err(io::Error::other)?;
+            atomic_in(self.root_fd.as_fd(), LEASE_NAME, &lease, 0o644)
+                .map_err(|e| open_err(&self.root, LEASE_NAME, e))?;
+            self.claimed.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
         match read_lease_at(&self.root, self.root_fd.as_fd()) {
             Ok(Some(h)) if !h.same_process(&me) => {
                 self.lost.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -248,8 +248,13 @@ pub enum LockError {
 }
 
 /// A held writer lock. Dropping it releases the lock.
+///
+/// Taking the lock ([`ObjectStore::lock`]) decides whether this process
+/// may write; the lease naming it is written by the first
+/// [`WriterLock::renew`], so that a command that then refuses (a damaged
+/// store, a rollback) leaves the store as it was.
 pub trait WriterLock: Send + Sync {
-    /// Renew the lease (backends whose lock expires); called every few
+    /// Write (the first time) or renew the lease; called every few
     /// seconds while it is held. An error means the lock was lost (taken
     /// over, expired, or the lease was removed): the holder must stop
     /// writing.

@@ -602,9 +602,16 @@ pub(crate) fn open_store(root: &Path) -> Result<LocalDirStore, OpenError> {
     })
 }
 
-/// Take the store's single-writer lock for this process (see
-/// [`store::set_lock_context`] for what it says it is doing).
+/// Take the store's single-writer lock for this process and write its
+/// lease (see [`store::set_lock_context`] for what it says it is doing).
 pub(crate) fn lock_store(store: &dyn ObjectStore) -> Result<Box<dyn store::WriterLock>, OpenError> {
+    let lock = take_lock(store)?;
+    lock.renew().map_err(io_at(Path::new(&store.location())))?;
+    Ok(lock)
+}
+
+/// Take the lock without writing the lease yet (see [`store::WriterLock`]).
+fn take_lock(store: &dyn ObjectStore) -> Result<Box<dyn store::WriterLock>, OpenError> {
     let (what, force) = store::lock_context();
     let me = store::Holder::this_process(&what);
     store.lock(&me, force).map_err(|e| match e {
@@ -1130,7 +1137,7 @@ impl Volume {
     ) -> Result<Arc<Volume>, OpenError> {
         let root_buf = PathBuf::from(store.location());
         let root = root_buf.as_path();
-        let lock = lock_store(&*store)?;
+        let lock = take_lock(&*store)?;
         let (mut hdr, vmk, vck) = read_header(&*store, ks)?;
         let mut rewrap_vck = None;
         let (content_key, unavailable) = match vck {
@@ -1235,6 +1242,8 @@ impl Volume {
             snap_state = Some(vs);
         }
         let snapshot_view = snap_state.is_some();
+        // Every check passed: only now is anything written to the store.
+        lock.renew().map_err(io_at(root))?;
         if let Some(vck) = rewrap_vck {
             hdr = rewrap_header(&*store, ks, &hdr, &vmk, &vck, None)?;
         }
