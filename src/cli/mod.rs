@@ -70,6 +70,18 @@ pub struct Global {
     /// Log more (repeat for debug output)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Take over a store's writer lease held by another machine. Only
+    /// when that machine is down or no longer uses the store: if it is
+    /// still writing, the two fork the volume's history and one loses
+    /// its writes. (A lease of a dead process on this machine is taken
+    /// over without it.)
+    #[arg(long, global = true)]
+    pub force_unlock: bool,
+    /// Accept a store whose history differs from what this machine saw
+    /// last (an older or another copy, as after restoring a backup on
+    /// purpose) and record it as it is now. Logged.
+    #[arg(long, global = true)]
+    pub accept_rollback: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -302,6 +314,35 @@ pub fn main() -> i32 {
 
 fn run(cli: Cli) -> Result<()> {
     let g = cli.global;
+    let what = match &cli.cmd {
+        Cmd::Mount { mountpoint, .. } => format!(
+            "mount {}",
+            std::path::absolute(mountpoint)
+                .unwrap_or_else(|_| mountpoint.clone())
+                .display()
+        ),
+        Cmd::Fsck { repair: true, .. } => "fsck --repair".into(),
+        Cmd::Snapshot(_) => "snapshot".into(),
+        other => format!("{other:?}")
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or("sealfs")
+            .to_lowercase(),
+    };
+    crate::store::set_lock_context(&what, g.force_unlock);
+    volume::ACCEPT_ROLLBACK.store(g.accept_rollback, std::sync::atomic::Ordering::Relaxed);
+    // Commands that change a store refuse while it is mounted, whatever
+    // its lock file says (it may have been deleted or replaced).
+    match &cli.cmd {
+        Cmd::Rewrap { store, .. } => refuse_if_mounted(store, "re-wrapping its key")?,
+        Cmd::Rekey { store, .. } => refuse_if_mounted(store, "re-keying it")?,
+        Cmd::Fsck { store, .. } => refuse_if_mounted(store, "checking it (`sealfs gc` is safe while mounted)")?,
+        Cmd::Clone { source, .. } if !source.contains('@') => refuse_if_mounted(
+            Path::new(source),
+            "cloning its live state (take a snapshot and clone that: `sealfs snapshot create MOUNTPOINT NAME`, then `sealfs clone STORE@NAME ...`)",
+        )?,
+        _ => {}
+    }
     match cli.cmd {
         Cmd::Init { generate_key_file } => cmd_init(&g, generate_key_file),
         Cmd::Key(k) => key::cmd_key(&g, k),
@@ -579,15 +620,29 @@ fn cmd_info(g: &Global, store: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Whether another process holds the store lock.
+/// Whether another process holds the store lock (opened without
+/// following links; anything but a plain lock file reads as not held).
 fn store_in_use(store: &Path) -> bool {
-    let Ok(f) = std::fs::File::open(store.join(volume::LOCK_FILE)) else {
-        return false;
-    };
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared) {
-        Ok(()) => false,
-        Err(_) => true,
+    crate::store::LocalDirStore::open(store).is_ok_and(|s| s.lock_file_held())
+}
+
+/// Refuse to change `store` while it is mounted (the mount table).
+pub(crate) fn refuse_if_mounted(store: &Path, doing: &str) -> Result<()> {
+    let abs = std::path::absolute(store).unwrap_or_else(|_| store.to_path_buf());
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(m) = status::parse_mountinfo(&info)
+        .into_iter()
+        .find(|m| m.source == abs || canon(&m.source) == canon(&abs))
+    {
+        bail!(
+            "store {} is mounted at {}; unmount it (`sealfs umount {}`) before {doing}",
+            abs.display(),
+            m.mountpoint.display(),
+            m.mountpoint.display()
+        );
     }
+    Ok(())
 }
 
 fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<()> {
@@ -1122,6 +1177,12 @@ fn spawn_daemon(g: &Global, store: &Path, mountpoint: &Path, raw_opts: &[String]
     }
     for _ in 0..g.verbose {
         cmd.arg("-v");
+    }
+    if g.force_unlock {
+        cmd.arg("--force-unlock");
+    }
+    if g.accept_rollback {
+        cmd.arg("--accept-rollback");
     }
     cmd.arg("mount").arg("--daemon-child");
     for o in raw_opts {

@@ -100,19 +100,161 @@ pub struct Holder {
     pub renewed: u64,
 }
 
+impl Holder {
+    /// This process, doing `what`.
+    pub fn this_process(what: &str) -> Holder {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        let pid = std::process::id();
+        let now = unix_now();
+        Holder {
+            host_id: read("/etc/machine-id"),
+            boot_id: read("/proc/sys/kernel/random/boot_id"),
+            hostname: read("/proc/sys/kernel/hostname"),
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            what: what.to_string(),
+            taken: now,
+            renewed: now,
+        }
+    }
+
+    /// The same process (a lease this process wrote).
+    pub fn same_process(&self, other: &Holder) -> bool {
+        self.host_id == other.host_id
+            && self.boot_id == other.boot_id
+            && self.pid == other.pid
+            && self.start_time == other.start_time
+    }
+
+    /// On this machine, since its last boot.
+    pub fn this_boot(&self, other: &Holder) -> bool {
+        self.host_id == other.host_id && self.boot_id == other.boot_id
+    }
+
+    /// For messages: `"mount /mnt/x" (pid 123 on host h, since ...)`.
+    pub fn describe(&self) -> String {
+        let ago = unix_now().saturating_sub(self.renewed);
+        format!(
+            "{:?} (pid {} on host {}, lease renewed {ago} s ago)",
+            self.what,
+            self.pid,
+            if self.hostname.is_empty() {
+                "?"
+            } else {
+                &self.hostname
+            }
+        )
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Start time of a process (field 22 of `/proc/PID/stat`), None when it
+/// does not exist.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command name (field 2) may hold spaces and parentheses
+    let rest = &s[s.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Decide about a lease found in a store that `me` wants to take: a live
+/// holder on this machine refuses; a dead one (or one from before the last
+/// boot) is taken over with a message; one from another machine needs
+/// `force`.
+pub fn judge_lease(
+    location: &str,
+    found: &Holder,
+    me: &Holder,
+    force: bool,
+) -> Result<(), LockError> {
+    if found.this_boot(me) {
+        if process_start_time(found.pid) == Some(found.start_time) {
+            return Err(LockError::Held(format!(
+                " by {} (its lock file was deleted or replaced, but the lease in the store names a live process)",
+                found.describe()
+            )));
+        }
+        log::warn!(
+            "{location}: taking over the lease of {}, which is no longer running",
+            found.describe()
+        );
+        return Ok(());
+    }
+    if found.host_id == me.host_id && !me.host_id.is_empty() {
+        log::warn!(
+            "{location}: taking over the lease of {}, left before this machine last booted",
+            found.describe()
+        );
+        return Ok(());
+    }
+    if force {
+        log::warn!(
+            "{location}: --force-unlock: taking over the lease of {} on another machine",
+            found.describe()
+        );
+        return Ok(());
+    }
+    Err(LockError::Foreign(format!(
+        "{location} is in use by {} on another machine (host id {}); if that machine is down or no longer uses the store, run again with --force-unlock. \
+         If it is still writing, forcing forks the volume's history and loses what one of the two writes",
+        found.describe(),
+        found.host_id
+    )))
+}
+
+static LOCK_CONTEXT: std::sync::Mutex<Option<(String, bool)>> = std::sync::Mutex::new(None);
+
+/// What this process says it is doing when it takes a store's writer lock
+/// (`"mount /mnt/x"`, `"gc"`), and whether `--force-unlock` was given. Set
+/// once by the command line; a process runs one command.
+pub fn set_lock_context(what: &str, force_unlock: bool) {
+    *LOCK_CONTEXT.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((what.to_string(), force_unlock));
+}
+
+/// See [`set_lock_context`]; `("sealfs", false)` when not set.
+pub fn lock_context() -> (String, bool) {
+    LOCK_CONTEXT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(|| ("sealfs".to_string(), false))
+}
+
 /// Why the writer lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// Someone else holds it and is (or may be) alive.
-    #[error("{0}")]
+    /// Someone else on this machine holds it: " by WHO" (or empty when
+    /// unknown), for "STORE is in use{holder}".
+    #[error("in use{0}")]
     Held(String),
+    /// A holder on another machine, whose lease may be live: the whole
+    /// message, saying what `--force-unlock` risks.
+    #[error("{0}")]
+    Foreign(String),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
 /// A held writer lock. Dropping it releases the lock.
+///
+/// Taking the lock ([`ObjectStore::lock`]) decides whether this process
+/// may write; the lease naming it is written by the first
+/// [`WriterLock::renew`], so that a command that then refuses (a damaged
+/// store, a rollback) leaves the store as it was.
 pub trait WriterLock: Send + Sync {
-    /// Renew the lease (backends whose lock expires); called every few
+    /// Write (the first time) or renew the lease; called every few
     /// seconds while it is held. An error means the lock was lost (taken
     /// over, expired, or the lease was removed): the holder must stop
     /// writing.
@@ -142,8 +284,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Delete an object; deleting a missing object is not an error.
     fn delete(&self, kind: Kind, name: &str) -> io::Result<()>;
 
-    /// Names of all objects of a kind, sorted. Entries that cannot be
-    /// objects (bad names, not plain files) are left out.
+    /// Names of all objects of a kind, sorted. Entries with names no
+    /// object can have are left out; an entry with a valid name is listed
+    /// even if it is not a plain object (reading it then fails), so that
+    /// callers never take "cannot be read" for "does not exist".
     fn list(&self, kind: Kind) -> io::Result<Vec<String>>;
 
     /// Make every earlier non-durable put durable.
@@ -172,6 +316,12 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Records `<= upto` are no longer needed (a newer root covers them):
     /// the backend may delete whole segments that hold only such records.
     fn log_trim(&self, upto: u64) -> io::Result<()>;
+
+    /// Remove what torn writes left behind (temp files); called by a
+    /// writer after it took the lock.
+    fn remove_temps(&self) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Take the single-writer lock (with `force`, take it over from a
     /// holder on another host that cannot be shown to be dead; a dead

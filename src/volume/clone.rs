@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::format::*;
 use super::*;
@@ -59,7 +59,8 @@ fn source_state(src: &Path, ks: &Keystore, snapshot: Option<&str>) -> Result<Sou
     if !src.join(HEADER_FILE).exists() {
         return Err(OpenError::NotAStore(src.to_path_buf()));
     }
-    let (hdr, vmk, vck) = read_header(src, ks)?;
+    let src_store = super::open_store(src)?;
+    let (hdr, vmk, vck) = read_header(&src_store, ks)?;
     let vck = vck?;
     if hdr.rekey.is_some() {
         return Err(err_at(
@@ -80,9 +81,8 @@ fn source_state(src: &Path, ks: &Keystore, snapshot: Option<&str>) -> Result<Sou
             // Snapshot manifests are immutable and their chunks are kept
             // while the snapshot exists: no lock needed (the origin may be
             // mounted).
-            let store = LocalDirStore::open(src).map_err(io_at(src))?;
-            let names = store.list(Kind::Meta).map_err(io_at(src))?;
-            super::snapshot::find_snapshot(&store, &names, &meta_key, &hdr.store_id, name)
+            let names = src_store.list(Kind::Meta).map_err(io_at(src))?;
+            super::snapshot::find_snapshot(&src_store, &names, &meta_key, &hdr.store_id, name)
                 .map_err(|why| err_at(src, why))?
                 .ok_or_else(|| OpenError::UnknownSnapshot {
                     path: src.to_path_buf(),
@@ -275,22 +275,29 @@ fn build(
                 .map_err(io_at(tmp))?;
             report.reencrypted += 1;
         } else {
-            let a = from.object_path(Kind::Chunk, &name).map_err(io_at(src))?;
-            let b: PathBuf = out.object_path(Kind::Chunk, &name).map_err(io_at(tmp))?;
-            match fs::hard_link(&a, &b) {
-                Ok(()) => report.linked += 1,
+            let linked = match out.link_from(&from, Kind::Chunk, &name) {
+                Ok(l) => l,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing(e)),
-                Err(_) => {
-                    // another file system (EXDEV) or no hard links: copy
-                    let n = fs::copy(&a, &b).map_err(missing)?;
-                    if n != super::snapshot::object_bytes(r) {
-                        return Err(missing(io::Error::other(format!(
-                            "copied {n} bytes, the object has {}",
-                            super::snapshot::object_bytes(r)
-                        ))));
-                    }
-                    report.copied += 1;
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(missing(e)),
+                Err(_) => false, // no hard links here: copy
+            };
+            if linked {
+                report.linked += 1;
+            } else {
+                // another file system (EXDEV): copy, checking the size
+                let want = super::snapshot::object_bytes(r);
+                let data = from
+                    .get(Kind::Chunk, &name, want as usize)
+                    .map_err(missing)?;
+                if data.len() as u64 != want {
+                    return Err(missing(io::Error::other(format!(
+                        "it has {} bytes, the object has {want}",
+                        data.len()
+                    ))));
                 }
+                out.put(Kind::Chunk, &name, &data, false)
+                    .map_err(io_at(tmp))?;
+                report.copied += 1;
             }
         }
         if n % 64 == 0 {
@@ -321,7 +328,6 @@ fn build(
     let (obj, _) = seal_checkpoint(&meta_key, &store_id, seq, &ckpt);
     out.put(Kind::Meta, &checkpoint_name(seq), &obj, true)
         .map_err(io_at(tmp))?;
-    store::write_atomic(&tmp.join(HEADER_FILE), &encode_header(&header, &mac_key))
-        .map_err(io_at(tmp))?;
+    super::write_header(&out, &encode_header(&header, &mac_key))?;
     Ok(report)
 }

@@ -109,10 +109,10 @@ pub fn fsck(
     if !root.join(HEADER_FILE).exists() {
         return Err(OpenError::NotAStore(root.to_path_buf()));
     }
-    let _lock = lock_store(root)?;
-    let (hdr, vmk, vck) = read_header(root, ks)?;
+    let store = super::open_store(root)?;
+    let _lock = lock_store(&store)?;
+    let (hdr, vmk, vck) = read_header(&store, ks)?;
     let meta_key = AeadKey::new(&vmk.derive(LABEL_META));
-    let store = LocalDirStore::open(root).map_err(io_at(root))?;
     let mut rep = FsckReport::default();
     let keys = match vck.and_then(|k| unwrap_content_keys(ks, &hdr, k)) {
         Ok(k) => ContentKeys::new(&hdr, &k),

@@ -17,8 +17,8 @@ pub mod snapshot;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::fs;
+use std::io;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,6 +53,8 @@ pub const DEFAULT_INLINE_MAX: u32 = 4096;
 pub const NAME_MAX: usize = 255;
 /// Largest xattr value.
 pub const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// How often a writer renews its lease in the store.
+const LEASE_RENEW: Duration = Duration::from_secs(10);
 /// A checkpoint is written after this many journal records.
 const CHECKPOINT_RECORDS: u64 = 512;
 /// ... or after this many journal bytes.
@@ -119,8 +121,11 @@ pub enum OpenError {
     NotAStore(PathBuf),
     #[error("{0} already exists and is not empty; choose a new path for the store")]
     NotEmpty(PathBuf),
-    #[error("store {path} is in use by another sealfs process{holder}; unmount it first (`sealfs umount MOUNTPOINT`) or wait for the other command to finish")]
+    #[error("store {path} is in use{holder}; unmount it first (`sealfs umount MOUNTPOINT`) or wait for the other command to finish")]
     InUse { path: PathBuf, holder: String },
+    /// A lease from another machine (needs `--force-unlock`).
+    #[error("{0}")]
+    Lease(String),
     #[error("store {path}: {source}")]
     Format {
         path: PathBuf,
@@ -131,13 +136,17 @@ pub enum OpenError {
     HeaderTampered { path: PathBuf },
     #[error("store {path}: metadata is damaged: {why}; refusing to mount (restore the store from a backup)")]
     Metadata { path: PathBuf, why: String },
-    #[error("store {path}: rollback detected: the store is at commit {found} but this machine has seen commit {seen}; someone replaced it with an older copy. If that was you, delete {state_file} to accept it")]
+    #[error("store {path}: rollback detected: the store is at commit {found} but this machine has seen commit {seen}; someone replaced it with an older copy. If that was you (a restore from a backup), mount once with --accept-rollback")]
     Rollback {
         path: PathBuf,
         found: u64,
         seen: u64,
         state_file: PathBuf,
     },
+    #[error("store {path}: its history differs from what this machine saw: commit {seq} is not the commit {seq} seen before; someone replaced the store with another copy. If that was you, mount once with --accept-rollback")]
+    Diverged { path: PathBuf, seq: u64 },
+    #[error("{}: the record of the last commit seen is damaged ({why}), so rollback cannot be checked; if nobody tampered with it, mount once with --accept-rollback to record the store as it is", state_file.display())]
+    BadSeenState { state_file: PathBuf, why: String },
     #[error(transparent)]
     Kms(#[from] KmsError),
     #[error("invalid chunk size {0}: use a power of two from 4096 to 16777216")]
@@ -181,6 +190,9 @@ pub struct OpenOptions2 {
     pub state_dir: Option<PathBuf>,
     /// Open this snapshot (read-only) instead of the live state.
     pub snapshot: Option<String>,
+    /// Accept a store whose history differs from the local record of the
+    /// last commit seen (`--accept-rollback`), and record it as it is.
+    pub accept_rollback: bool,
 }
 
 impl Default for OpenOptions2 {
@@ -191,8 +203,98 @@ impl Default for OpenOptions2 {
             dirty_bytes: 512 << 20,
             state_dir: None,
             snapshot: None,
+            accept_rollback: ACCEPT_ROLLBACK.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The default of [`OpenOptions2::accept_rollback`], set by the command
+/// line (`--accept-rollback`).
+pub static ACCEPT_ROLLBACK: AtomicBool = AtomicBool::new(false);
+
+/// The local record of the last commit seen of a volume (a text file):
+/// `sealfs-seen 1`, `seq N`, `tag HEX` on three lines.
+fn encode_seen(seq: u64, tag: &[u8; TAG_LEN]) -> String {
+    format!("sealfs-seen 1\nseq {seq}\ntag {}\n", hex::encode(tag))
+}
+
+/// Parse [`encode_seen`]'s text, or the bare sequence number earlier
+/// versions wrote (no tag).
+fn decode_seen(text: &str) -> Result<(u64, Option<[u8; TAG_LEN]>), String> {
+    if text.len() > 1024 {
+        return Err("it is too long".into());
+    }
+    let t = text.trim();
+    if let Ok(seq) = t.parse::<u64>() {
+        return Ok((seq, None));
+    }
+    let mut lines = t.lines();
+    if lines.next() != Some("sealfs-seen 1") {
+        return Err("it is not a record sealfs wrote".into());
+    }
+    let seq = lines
+        .next()
+        .and_then(|l| l.strip_prefix("seq "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or("no sequence number")?;
+    let tag = lines
+        .next()
+        .and_then(|l| l.strip_prefix("tag "))
+        .and_then(|v| hex::decode(v).ok())
+        .and_then(|v| <[u8; TAG_LEN]>::try_from(v.as_slice()).ok())
+        .ok_or("no commit tag")?;
+    if lines.next().is_some() {
+        return Err("trailing lines".into());
+    }
+    Ok((seq, Some(tag)))
+}
+
+/// Check the chain read from a store (ending at commit `seq`, with the
+/// tags from its checkpoint on) against the local record `sf` of the last
+/// commit seen. A missing record is a volume never seen here.
+fn check_seen(
+    root: &Path,
+    sf: &Path,
+    tags: &[(u64, [u8; TAG_LEN])],
+    seq: u64,
+) -> Result<(), OpenError> {
+    let text = match fs::read(sf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(OpenError::BadSeenState {
+                state_file: sf.to_path_buf(),
+                why: e.to_string(),
+            })
+        }
+    };
+    let (seen, seen_tag) = std::str::from_utf8(&text)
+        .map_err(|_| "it is not text".to_string())
+        .and_then(decode_seen)
+        .map_err(|why| OpenError::BadSeenState {
+            state_file: sf.to_path_buf(),
+            why,
+        })?;
+    if seen > seq {
+        return Err(OpenError::Rollback {
+            path: root.to_path_buf(),
+            found: seq,
+            seen,
+            state_file: sf.to_path_buf(),
+        });
+    }
+    // The commit seen must be the one the store has at that number (when
+    // the store still holds it: older records are folded into the
+    // checkpoint, whose own tag is compared when it is the one seen).
+    if let (Some(want), Some((_, got))) = (seen_tag, tags.iter().find(|(s, _)| *s == seen)) {
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&want[..], &got[..])) {
+            return Err(OpenError::Diverged {
+                path: root.to_path_buf(),
+                seq: seen,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where sealfs keeps per-machine state: `$SEALFS_STATE_DIR`, else
@@ -333,7 +435,9 @@ pub struct Volume {
     flush_cv: Condvar,
     commit_lock: Mutex<()>,
     cache: Mutex<LruCache<[u8; 16], Arc<Vec<u8>>>>,
-    _lock: File,
+    lock: Box<dyn store::WriterLock>,
+    /// The writer lease was lost (taken over): nothing more is written.
+    lease_lost: AtomicBool,
     read_only: bool,
     dirty_limit: usize,
     state_file: Option<PathBuf>,
@@ -372,6 +476,8 @@ pub(crate) struct Chain {
     pub seq: u64,
     /// Tag of the last object applied (the next record chains to it).
     pub tag: [u8; TAG_LEN],
+    /// The tag after each object applied, from the checkpoint on.
+    pub tags: Vec<(u64, [u8; TAG_LEN])>,
     pub next_ino: u64,
     pub records: BTreeMap<u64, InodeRecord>,
     /// Names of the metadata objects the chain reached (read or not).
@@ -406,6 +512,7 @@ pub(crate) fn read_chain(
         ckpt: 0,
         seq: 0,
         tag: [0; TAG_LEN],
+        tags: Vec::new(),
         next_ino: ROOT_INO + 1,
         records: BTreeMap::new(),
         used: Vec::new(),
@@ -441,6 +548,7 @@ pub(crate) fn read_chain(
     match opened {
         Ok((body, tag)) => {
             chain.tag = tag;
+            chain.tags.push((c, tag));
             chain.next_ino = body.next_ino;
             chain.records = body.inodes.into_iter().collect();
         }
@@ -474,6 +582,7 @@ pub(crate) fn read_chain(
                 }
                 chain.next_ino = chain.next_ino.max(body.next_ino);
                 chain.tag = t;
+                chain.tags.push((j, t));
                 chain.seq = j;
             }
             Err(e) => {
@@ -485,37 +594,51 @@ pub(crate) fn read_chain(
     chain
 }
 
-/// Take the store's lock file (non-blocking). Returns the open lock file.
-fn lock_store(root: &Path) -> Result<File, OpenError> {
-    let lp = root.join(LOCK_FILE);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lp)
-        .map_err(io_at(&lp))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
-            let mut s = String::new();
-            let _ = f.read_to_string(&mut s);
-            let holder = s
-                .trim()
-                .parse::<u32>()
-                .map(|p| format!(" (pid {p})"))
-                .unwrap_or_default();
-            return Err(OpenError::InUse {
-                path: root.to_path_buf(),
-                holder,
-            });
-        }
-        Err(e) => return Err(io_at(&lp)(e.into())),
+/// Open the store directory of a volume.
+pub(crate) fn open_store(root: &Path) -> Result<LocalDirStore, OpenError> {
+    LocalDirStore::open(root).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => OpenError::NotAStore(root.to_path_buf()),
+        _ => io_at(root)(e),
+    })
+}
+
+/// Take the store's single-writer lock for this process and write its
+/// lease (see [`store::set_lock_context`] for what it says it is doing).
+pub(crate) fn lock_store(store: &dyn ObjectStore) -> Result<Box<dyn store::WriterLock>, OpenError> {
+    let lock = take_lock(store)?;
+    lock.renew().map_err(io_at(Path::new(&store.location())))?;
+    Ok(lock)
+}
+
+/// Take the lock without writing the lease yet (see [`store::WriterLock`]).
+fn take_lock(store: &dyn ObjectStore) -> Result<Box<dyn store::WriterLock>, OpenError> {
+    let (what, force) = store::lock_context();
+    let me = store::Holder::this_process(&what);
+    store.lock(&me, force).map_err(|e| match e {
+        store::LockError::Held(holder) => OpenError::InUse {
+            path: PathBuf::from(store.location()),
+            holder,
+        },
+        store::LockError::Foreign(why) => OpenError::Lease(why),
+        store::LockError::Io(e) => io_at(Path::new(&store.location()))(e),
+    })
+}
+
+/// Read the header object of a store.
+fn read_header_bytes(store: &dyn ObjectStore) -> Result<Vec<u8>, OpenError> {
+    let root = PathBuf::from(store.location());
+    match store.get(Kind::Header, store::HEADER_NAME, MAX_HEADER) {
+        Ok(d) => Ok(d),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(OpenError::NotAStore(root)),
+        Err(e) => Err(io_at(&root)(e)),
     }
-    let _ = f.set_len(0);
-    let _ = f.rewind();
-    let _ = writeln!(f, "{}", std::process::id());
-    Ok(f)
+}
+
+/// Replace the header object (durably, atomically).
+fn write_header(store: &dyn ObjectStore, data: &[u8]) -> Result<(), OpenError> {
+    store
+        .put(Kind::Header, store::HEADER_NAME, data, true)
+        .map_err(io_at(Path::new(&store.location())))
 }
 
 fn volume_id_hex(id: &[u8; 16]) -> String {
@@ -595,23 +718,11 @@ type ContentKeyResult = Result<Key32, KmsError>;
 /// header, the unwrapped VMK and the result of unwrapping the VCK (which
 /// can fail on its own: the header is authenticated with the VMK alone).
 fn read_header(
-    root: &Path,
+    store: &dyn ObjectStore,
     ks: &Keystore,
 ) -> Result<(HeaderBody, Key32, ContentKeyResult), OpenError> {
-    let hp = root.join(HEADER_FILE);
-    let data = match fs::read(&hp) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(OpenError::NotAStore(root.to_path_buf()))
-        }
-        Err(e) => return Err(io_at(&hp)(e)),
-    };
-    if data.len() > MAX_HEADER {
-        return Err(OpenError::Format {
-            path: root.to_path_buf(),
-            source: FormatError::Bad("store header is too large".into()),
-        });
-    }
+    let root = &PathBuf::from(store.location());
+    let data = read_header_bytes(store)?;
     let hdr = decode_header(&data).map_err(|source| OpenError::Format {
         path: root.to_path_buf(),
         source,
@@ -639,7 +750,7 @@ fn read_header(
 /// (the content key under `content_key`, or its current master key) and
 /// rewrite the header atomically. O(1): no content is touched.
 fn rewrap_header(
-    root: &Path,
+    store: &dyn ObjectStore,
     ks: &Keystore,
     hdr: &HeaderBody,
     vmk: &Key32,
@@ -670,13 +781,12 @@ fn rewrap_header(
     }
     // Older formats are upgraded by the first header write (format 3 adds
     // the data id; see docs/FORMAT.md).
-    let on_disk = fs::read(root.join(HEADER_FILE))
+    let on_disk = read_header_bytes(store)
         .map(|d| header_version(&d))
         .unwrap_or(0);
     if new != *hdr || on_disk < FORMAT_VERSION {
         let mac_key = vmk.derive(LABEL_HEADER_MAC);
-        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
-            .map_err(io_at(root))?;
+        write_header(store, &encode_header(&new, &mac_key))?;
     }
     Ok(new)
 }
@@ -722,9 +832,9 @@ impl Volume {
     }
 
     fn create_inner(root: &Path, ks: &Keystore, opts: &CreateOptions) -> Result<String, OpenError> {
-        let _lock = lock_store(root)?;
         LocalDirStore::init(root).map_err(io_at(root))?;
         let store = LocalDirStore::open(root).map_err(io_at(root))?;
+        let _lock = lock_store(&store)?;
         let store_id: [u8; 16] = crypto::random_bytes();
         let vid = volume_id_hex(&store_id);
         let vmk = Key32::random();
@@ -761,8 +871,7 @@ impl Volume {
             .put(Kind::Meta, &checkpoint_name(0), &obj, true)
             .map_err(io_at(root))?;
         // The header goes last: its presence marks a complete store.
-        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&hdr, &mac_key))
-            .map_err(io_at(root))?;
+        write_header(&store, &encode_header(&hdr, &mac_key))?;
         Ok(vid)
     }
 
@@ -779,13 +888,14 @@ impl Volume {
         if !root.join(HEADER_FILE).exists() {
             return Err(OpenError::NotAStore(root.to_path_buf()));
         }
-        let _lock = lock_store(root)?;
-        let (hdr, vmk, vck) = read_header(root, ks)?;
+        let store = open_store(root)?;
+        let _lock = lock_store(&store)?;
+        let (hdr, vmk, vck) = read_header(&store, ks)?;
         let vck = vck?;
-        let new = rewrap_header(root, ks, &hdr, &vmk, &vck, kms_key)?;
+        let new = rewrap_header(&store, ks, &hdr, &vmk, &vck, kms_key)?;
         let written = if new != hdr {
-            fs::metadata(root.join(HEADER_FILE))
-                .map(|m| m.len())
+            read_header_bytes(&store)
+                .map(|d| d.len() as u64)
                 .unwrap_or(0)
         } else {
             0
@@ -810,13 +920,14 @@ impl Volume {
         if !root.join(HEADER_FILE).exists() {
             return Err(OpenError::NotAStore(root.to_path_buf()));
         }
-        let _lock = lock_store(root)?;
-        let (hdr, vmk, vck) = read_header(root, ks)?;
+        let store = open_store(root)?;
+        let _lock = lock_store(&store)?;
+        let (hdr, vmk, vck) = read_header(&store, ks)?;
         vck?;
         // Snapshots hold chunks under the current content key: a re-key
         // would have to keep that key or rewrite every snapshot. Refuse.
-        let snaps = LocalDirStore::open(root)
-            .and_then(|s| s.list(Kind::Meta))
+        let snaps = store
+            .list(Kind::Meta)
             .map_err(io_at(root))?
             .iter()
             .filter(|n| parse_seq(n, "snapshot").is_some())
@@ -855,8 +966,7 @@ impl Volume {
         new.vck = wrapped;
         new.content_gen = hdr.content_gen + 1;
         let mac_key = vmk.derive(LABEL_HEADER_MAC);
-        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
-            .map_err(io_at(root))?;
+        write_header(&store, &encode_header(&new, &mac_key))?;
         Ok(false)
     }
 
@@ -963,23 +1073,23 @@ impl Volume {
     /// `sealfs rekey`, step 3 (after the volume is closed): drop the previous
     /// content key from the header. The re-key is complete.
     pub fn rekey_finish(root: &Path, ks: &Keystore) -> Result<(), OpenError> {
-        let _lock = lock_store(root)?;
-        let (hdr, vmk, _vck) = read_header(root, ks)?;
+        let store = open_store(root)?;
+        let _lock = lock_store(&store)?;
+        let (hdr, vmk, _vck) = read_header(&store, ks)?;
         if hdr.rekey.is_none() {
             return Ok(());
         }
         let mut new = hdr;
         new.rekey = None;
         let mac_key = vmk.derive(LABEL_HEADER_MAC);
-        store::write_atomic(&root.join(HEADER_FILE), &encode_header(&new, &mac_key))
-            .map_err(io_at(root))
+        write_header(&store, &encode_header(&new, &mac_key))
     }
 
     /// Describe a store (needs the keystore to authenticate the header).
     pub fn info(root: &Path, ks: &Keystore) -> Result<VolumeInfo, OpenError> {
-        let (hdr, _vmk, vck) = read_header(root, ks)?;
+        let store = open_store(root)?;
+        let (hdr, _vmk, vck) = read_header(&store, ks)?;
         let content_unavailable = vck.err().map(|e| e.to_string());
-        let store = LocalDirStore::open(root).map_err(io_at(root))?;
         let (chunk_bytes, chunk_objects) = store.usage(Kind::Chunk).map_err(io_at(root))?;
         let (meta_bytes, meta_objects) = store.usage(Kind::Meta).map_err(io_at(root))?;
         let snapshots = store
@@ -993,7 +1103,7 @@ impl Volume {
             created: hdr.created,
             chunk_size: hdr.chunk_size,
             inline_max: hdr.inline_max,
-            format_version: fs::read(root.join(HEADER_FILE))
+            format_version: read_header_bytes(&store)
                 .map(|d| header_version(&d))
                 .unwrap_or(FORMAT_VERSION),
             metadata_key: (hdr.vmk.key_id.clone(), hdr.vmk.key_version),
@@ -1015,14 +1125,28 @@ impl Volume {
         if !root.join(HEADER_FILE).exists() {
             return Err(OpenError::NotAStore(root.to_path_buf()));
         }
-        let lock = lock_store(root)?;
-        let (mut hdr, vmk, vck) = read_header(root, ks)?;
+        Self::open_in(Box::new(open_store(root)?), ks, opts)
+    }
+
+    /// [`Volume::open`] on a given object store (tests wrap the local one
+    /// to inject faults).
+    pub fn open_in(
+        store: Box<dyn ObjectStore>,
+        ks: &Keystore,
+        opts: &OpenOptions2,
+    ) -> Result<Arc<Volume>, OpenError> {
+        let root_buf = PathBuf::from(store.location());
+        let root = root_buf.as_path();
+        let lock = take_lock(&*store)?;
+        let (mut hdr, vmk, vck) = read_header(&*store, ks)?;
+        let mut rewrap_vck = None;
         let (content_key, unavailable) = match vck {
             Ok(vck) => {
                 // (a snapshot view is read-only too: it writes nothing)
                 if !opts.read_only && opts.snapshot.is_none() {
-                    // Mount re-wraps under the newest key versions.
-                    hdr = rewrap_header(root, ks, &hdr, &vmk, &vck, None)?;
+                    // Mount re-wraps under the newest key versions, once
+                    // the chain and rollback checks passed (below).
+                    rewrap_vck = Some(vck.clone());
                 }
                 let keys = unwrap_content_keys(ks, &hdr, vck)?;
                 (ContentKeys::new(&hdr, &keys), None)
@@ -1036,17 +1160,12 @@ impl Volume {
             Err(e) => return Err(e.into()),
         };
         let meta_key = AeadKey::new(&vmk.derive(LABEL_META));
-        drop(vmk);
-        let store = LocalDirStore::open(root).map_err(|e| OpenError::Metadata {
-            path: root.to_path_buf(),
-            why: e.to_string(),
-        })?;
         let meta_err = |why: String| OpenError::Metadata {
             path: root.to_path_buf(),
             why,
         };
         let names = store.list(Kind::Meta).map_err(io_at(root))?;
-        let chain = read_chain(&store, &names, &meta_key, &hdr.store_id);
+        let chain = read_chain(&*store, &names, &meta_key, &hdr.store_id);
         match chain.fault {
             None => {}
             Some(ChainFault::NoCheckpoint) => {
@@ -1071,6 +1190,7 @@ impl Volume {
             st.inodes.insert(ino, inode);
         }
         let (cseq, seq, tag) = (chain.ckpt, chain.seq, chain.tag);
+        let chain_tags = chain.tags;
         if !st.inodes.contains_key(&ROOT_INO) {
             return Err(meta_err("the root directory is missing".into()));
         }
@@ -1083,30 +1203,24 @@ impl Volume {
             Some(d) => d.clone(),
             None => default_state_dir().map_err(io_at(root))?,
         };
-        let state_file = Some(
-            state_dir
-                .join("volumes")
-                .join(format!("{}.seq", volume_id_hex(&hdr.store_id))),
-        );
-        if let Some(sf) = &state_file {
-            if let Ok(s) = fs::read_to_string(sf) {
-                if let Ok(seen) = s.trim().parse::<u64>() {
-                    if seen > seq {
-                        return Err(OpenError::Rollback {
-                            path: root.to_path_buf(),
-                            found: seq,
-                            seen,
-                            state_file: sf.clone(),
-                        });
-                    }
-                }
+        let sf = state_dir
+            .join("volumes")
+            .join(format!("{}.seq", volume_id_hex(&hdr.store_id)));
+        if let Err(e) = check_seen(root, &sf, &chain_tags, seq) {
+            if !opts.accept_rollback {
+                return Err(e);
             }
+            log::warn!(
+                "{}: --accept-rollback: accepting the store at commit {seq} although {e}",
+                root.display()
+            );
         }
+        let state_file = Some(sf);
         // A snapshot mount shows the snapshot's tree instead (after the
         // live chain passed the rollback check above).
         let mut snap_state = None;
         if let Some(name) = &opts.snapshot {
-            let found = snapshot::find_snapshot(&store, &names, &meta_key, &hdr.store_id, name)
+            let found = snapshot::find_snapshot(&*store, &names, &meta_key, &hdr.store_id, name)
                 .map_err(meta_err)?;
             let Some(body) = found else {
                 return Err(OpenError::UnknownSnapshot {
@@ -1128,11 +1242,17 @@ impl Volume {
             snap_state = Some(vs);
         }
         let snapshot_view = snap_state.is_some();
+        // Every check passed: only now is anything written to the store.
+        lock.renew().map_err(io_at(root))?;
+        if let Some(vck) = rewrap_vck {
+            hdr = rewrap_header(&*store, ks, &hdr, &vmk, &vck, None)?;
+        }
+        drop(vmk);
         let st = snap_state.unwrap_or(st);
         let cache_entries = (opts.cache_bytes / hdr.chunk_size as usize).max(16);
         let vol = Arc::new(Volume {
             root: root.to_path_buf(),
-            store: Box::new(store),
+            store,
             meta_key,
             content_key: Mutex::new(content_key),
             content_gate: RwLock::new(unavailable),
@@ -1142,7 +1262,8 @@ impl Volume {
             cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(cache_entries).expect("nonzero"),
             )),
-            _lock: lock,
+            lock,
+            lease_lost: AtomicBool::new(false),
             read_only: opts.read_only || snapshot_view,
             dirty_limit: opts.dirty_bytes.max(1 << 20),
             state_file,
@@ -1154,7 +1275,7 @@ impl Volume {
             snapshot_view,
             hdr,
         });
-        vol.record_seq(seq);
+        vol.record_seq(seq, &tag);
         if !snapshot_view {
             vol.load_snapshots(&names);
         }
@@ -1168,26 +1289,28 @@ impl Volume {
                     let _ = vol.store.delete(Kind::Meta, n);
                 }
             }
-            if let Ok(rd) = fs::read_dir(root.join("meta")) {
-                for e in rd.flatten() {
-                    if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
+            if let Err(e) = vol.store.remove_temps() {
+                log::warn!(
+                    "{}: cannot remove temp files of torn writes: {e}",
+                    root.display()
+                );
             }
         }
         Ok(vol)
     }
 
-    fn record_seq(&self, seq: u64) {
+    /// Record the last commit seen in the local state, durably.
+    fn record_seq(&self, seq: u64, tag: &[u8; TAG_LEN]) {
         if let Some(sf) = &self.state_file {
             let write = || -> io::Result<()> {
                 if let Some(d) = sf.parent() {
-                    fs::create_dir_all(d)?;
+                    use std::os::unix::fs::DirBuilderExt;
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(d)?;
                 }
-                let tmp = sf.with_extension("seq.tmp");
-                fs::write(&tmp, format!("{seq}\n"))?;
-                fs::rename(&tmp, sf)
+                store::write_atomic(sf, encode_seen(seq, tag).as_bytes())
             };
             if let Err(e) = write() {
                 log::warn!(
@@ -1372,10 +1495,17 @@ impl Volume {
             .spawn(move || {
                 let step = Duration::from_millis(100);
                 let mut waited = Duration::ZERO;
+                let mut since_renew = Duration::ZERO;
                 loop {
                     std::thread::sleep(step);
                     if stop.load(Ordering::Relaxed) {
                         return;
+                    }
+                    since_renew += step;
+                    if since_renew >= LEASE_RENEW {
+                        since_renew = Duration::ZERO;
+                        let Some(v) = weak.upgrade() else { return };
+                        v.renew_lease();
                     }
                     waited += step;
                     if waited < interval {
@@ -1391,8 +1521,27 @@ impl Volume {
             .expect("spawn commit thread");
     }
 
+    /// Renew the writer lease; when it was lost, stop writing (the volume
+    /// turns read-only) instead of forking the store's history.
+    pub fn renew_lease(&self) {
+        if self.read_only || self.lease_lost.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.lock.renew() {
+            if self.lock.lost() {
+                self.lease_lost.store(true, Ordering::Relaxed);
+                log::error!(
+                    "{}: {e}; this mount no longer writes to the store (it is read-only from now on; changes not yet committed are lost). Unmount it",
+                    self.root.display()
+                );
+            } else {
+                log::warn!("{}: cannot renew the lease: {e}", self.root.display());
+            }
+        }
+    }
+
     fn check_writable(&self) -> FsResult<()> {
-        if self.read_only {
+        if self.read_only || self.lease_lost.load(Ordering::Relaxed) {
             Err(FsError::ROFS)
         } else {
             Ok(())
@@ -1407,6 +1556,9 @@ impl Volume {
     pub fn commit(&self, checkpoint: bool) -> FsResult<()> {
         if self.read_only {
             return Ok(());
+        }
+        if self.lease_lost.load(Ordering::Relaxed) {
+            return Err(FsError::ROFS);
         }
         let _c = self.commit_lock.lock();
         self.commit_locked(checkpoint, None)
@@ -1537,8 +1689,9 @@ impl Volume {
             st.records_since_ckpt += 1;
             st.journal_bytes_since_ckpt += obj.len() as u64;
         }
+        let tag = st.last_tag;
         drop(st);
-        self.record_seq(seq);
+        self.record_seq(seq, &tag);
         // 3. Free what the committed state no longer references, unless a
         // snapshot still holds it (copy-on-write).
         for id in self.unheld(frees) {
@@ -2963,7 +3116,7 @@ pub(crate) fn copy_window(dst: &mut [u8], src: &[u8], a: usize) {
 
 /// Used by tests and `sealfs info`: the store id of a store without keys.
 pub fn peek_store_id(root: &Path) -> Option<String> {
-    let data = fs::read(root.join(HEADER_FILE)).ok()?;
+    let data = read_header_bytes(&LocalDirStore::open(root).ok()?).ok()?;
     decode_header(&data)
         .ok()
         .map(|h| volume_id_hex(&h.store_id))

@@ -38,6 +38,7 @@ impl Fixture {
             dirty_bytes: 1 << 20,
             state_dir: Some(self.dir.path().join("state")),
             snapshot: None,
+            accept_rollback: false,
         }
     }
 
@@ -348,6 +349,109 @@ fn rollback_is_detected() {
     std::fs::rename(&old, f.store()).unwrap();
     let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
     assert!(matches!(e, OpenError::Rollback { .. }), "{e}");
+    assert!(e.to_string().contains("--accept-rollback"), "{e}");
+    // accepting it records the store as it is: the next open passes
+    let mut o = f.opts();
+    o.accept_rollback = true;
+    Volume::open(&f.store(), &f.ks, &o)
+        .unwrap()
+        .close()
+        .unwrap();
+    Volume::open(&f.store(), &f.ks, &f.opts())
+        .unwrap()
+        .close()
+        .unwrap();
+}
+
+/// A damaged record of the last commit seen refuses the open (instead of
+/// skipping the check) until the store is accepted as it is.
+#[test]
+fn garbage_seen_state_is_refused() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    let id = v.id();
+    v.close().unwrap();
+    drop(v);
+    let sf = f.dir.path().join("state/volumes").join(format!("{id}.seq"));
+    let text = std::fs::read_to_string(&sf).unwrap();
+    assert!(text.starts_with("sealfs-seen 1\nseq "), "{text}");
+    for bad in ["", "garbage\n", "sealfs-seen 1\nseq 1\ntag zz\n"] {
+        std::fs::write(&sf, bad).unwrap();
+        let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
+        assert!(matches!(e, OpenError::BadSeenState { .. }), "{bad:?}: {e}");
+        assert!(e.to_string().contains("--accept-rollback"), "{e}");
+    }
+    // the bare number of earlier versions still reads
+    std::fs::write(&sf, "0\n").unwrap();
+    Volume::open(&f.store(), &f.ks, &f.opts())
+        .unwrap()
+        .close()
+        .unwrap();
+}
+
+/// The lease names the holder; with the lock file deleted under a live
+/// writer, a second writer is still refused, naming the first.
+#[test]
+fn deleted_lock_file_does_not_let_a_second_writer_in() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    crate::store::set_lock_context("mount /mnt/test", false);
+    let v = f.open();
+    std::fs::remove_file(f.store().join(LOCK_FILE)).unwrap();
+    let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
+    assert!(matches!(e, OpenError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains("mount /mnt/test"), "{e}");
+    // the lease is renewed and still ours
+    v.renew_lease();
+    assert!(v.check_writable().is_ok());
+    v.close().unwrap();
+    drop(v);
+    assert!(!f.store().join("lease").exists());
+    Volume::open(&f.store(), &f.ks, &f.opts())
+        .unwrap()
+        .close()
+        .unwrap();
+}
+
+/// A lease of this machine whose process is gone is taken over; one from
+/// another machine needs --force-unlock; a writer whose lease was taken
+/// over stops writing.
+#[test]
+fn stale_and_foreign_leases() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let mut h = crate::store::Holder::this_process("mount /gone");
+    h.pid = u32::MAX - 1; // no such process
+    let lease = f.store().join("lease");
+    std::fs::write(&lease, serde_json::to_vec(&h).unwrap()).unwrap();
+    Volume::open(&f.store(), &f.ks, &f.opts())
+        .unwrap()
+        .close()
+        .unwrap();
+    h.host_id = "another-machine".into();
+    h.hostname = "elsewhere".into();
+    std::fs::write(&lease, serde_json::to_vec(&h).unwrap()).unwrap();
+    let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
+    assert!(matches!(e, OpenError::Lease(_)), "{e}");
+    assert!(e.to_string().contains("--force-unlock"), "{e}");
+    assert!(e.to_string().contains("elsewhere"), "{e}");
+    crate::store::set_lock_context("test", true);
+    let v = Volume::open(&f.store(), &f.ks, &f.opts());
+    crate::store::set_lock_context("test", false);
+    let v = v.unwrap();
+    // now another machine takes it over from us
+    std::fs::write(&lease, serde_json::to_vec(&h).unwrap()).unwrap();
+    v.renew_lease();
+    assert_eq!(v.check_writable().unwrap_err(), FsError::ROFS);
+    assert_eq!(
+        v.mknod(ROOT_INO, b"x", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap_err(),
+        FsError::ROFS
+    );
+    drop(v);
+    // (the other machine's lease is left alone)
+    assert!(lease.exists());
 }
 
 #[test]
@@ -840,7 +944,7 @@ fn format_2_stores_are_read_and_upgraded_by_a_read_write_open() {
     drop(v);
     // rewrite the header as format 2: the body without the data id
     let hp = f.store().join(HEADER_FILE);
-    let (hdr, vmk, _) = read_header(&f.store(), &f.ks).unwrap();
+    let (hdr, vmk, _) = read_header(&open_store(&f.store()).unwrap(), &f.ks).unwrap();
     let mac_key = vmk.derive(LABEL_HEADER_MAC);
     let v3 = encode_header(&hdr, &mac_key);
     let len = u32::from_le_bytes(v3[10..14].try_into().unwrap()) as usize;
