@@ -946,6 +946,14 @@ impl KeyWatcher {
         notifier: fuser::Notifier,
     ) -> Result<KeyWatcher> {
         use std::sync::atomic::{AtomicBool, Ordering};
+        // The daemon keeps the keystore key and every master key for its
+        // whole life: keep them (and cached plaintext) out of swap.
+        match crate::crypto::lock_process_memory() {
+            Ok(()) => log::debug!("memory locked in RAM (mlockall): keys are never swapped out"),
+            Err(e) => log::warn!(
+                "cannot lock the daemon's memory in RAM ({e}): keys and cached file content may be written to swap (use encrypted swap, or none)"
+            ),
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let mp = mountpoint.to_path_buf();
