@@ -929,7 +929,9 @@ fn serve(
 /// deletion, material deleted, destroyed) file content is revoked; when
 /// it is usable again, content comes back. Each check re-reads the keystore
 /// with the key derived at mount (no passphrase is kept); re-reading is
-/// also the "keystore access" that carries out due deletions.
+/// also the "keystore access" that carries out due deletions. A keystore
+/// that cannot be re-read (missing, damaged, failing authentication,
+/// re-sealed, older than one seen) revokes content too: it fails closed.
 struct KeyWatcher {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
