@@ -1021,7 +1021,21 @@ impl Volume {
                     FsError::IO
                 })?;
             let gen = chunk_gen(&data).unwrap_or(0);
-            if gen != keys.cur.0 {
+            if gen == keys.cur.0 {
+                // Done already (an interrupted re-key): the generation in
+                // the object's header is not trusted until the chunk
+                // opens under the current key (it is in the AD), or a
+                // chunk still under the old key could be passed off as
+                // done and be lost when the old key is dropped.
+                open_chunk(&keys.cur.1, &sid, &r.id, gen, r.len as usize, &data).map_err(|e| {
+                    log::error!(
+                        "re-key: chunk {} of {} claims the new key but does not open under it: {e}",
+                        r.name(),
+                        self.path_of(ino)
+                    );
+                    FsError::IO
+                })?;
+            } else {
                 let key = keys.for_gen(gen).ok_or_else(|| {
                     log::error!(
                         "re-key: chunk {} of {} has unknown key generation {gen}",

@@ -1201,3 +1201,25 @@ fn volume_with_file_a(data: &[u8]) -> (Fixture, Arc<Volume>, Attr) {
     v.write(a.ino, 0, data).unwrap();
     (f, v, a)
 }
+
+/// `rekey` trusts only authenticated data to decide that a chunk is done: a
+/// chunk whose (unauthenticated) generation field was changed to the new
+/// generation is not skipped and kept under the old key (it would be lost
+/// when the old key is dropped); the re-key stops with EIO instead.
+#[test]
+fn rekey_does_not_trust_a_forged_generation() {
+    let (f, v, _a) = volume_with_file_a(&[5u8; 3 * 4096]);
+    v.close().unwrap();
+    drop(v);
+    assert!(!Volume::rekey_begin(&f.store(), &f.ks, None).unwrap());
+    // forge: every chunk claims the new generation
+    for n in chunk_objects(&f.store()) {
+        let p = f.store().join("chunks").join(&n[..2]).join(&n);
+        let mut d = std::fs::read(&p).unwrap();
+        let g = u32::from_le_bytes(d[6..10].try_into().unwrap());
+        d[6..10].copy_from_slice(&(g + 1).to_le_bytes());
+        std::fs::write(&p, d).unwrap();
+    }
+    let v = f.open();
+    assert_eq!(v.rekey_content(&mut |_, _| {}).unwrap_err(), FsError::IO);
+}
