@@ -476,7 +476,9 @@ pub(crate) struct Chain {
     pub seq: u64,
     /// Tag of the last object applied (the next record chains to it).
     pub tag: [u8; TAG_LEN],
-    /// The tag after each object applied, from the checkpoint on.
+    /// The tag after each object applied, from the checkpoint on, after
+    /// the history the checkpoint carries: every commit known, oldest
+    /// first.
     pub tags: Vec<(u64, [u8; TAG_LEN])>,
     pub next_ino: u64,
     pub records: BTreeMap<u64, InodeRecord>,
@@ -548,6 +550,7 @@ pub(crate) fn read_chain(
     match opened {
         Ok((body, tag)) => {
             chain.tag = tag;
+            chain.tags = body.history;
             chain.tags.push((c, tag));
             chain.next_ino = body.next_ino;
             chain.records = body.inodes.into_iter().collect();
@@ -865,6 +868,7 @@ impl Volume {
         let ckpt = CheckpointBody {
             next_ino: ROOT_INO + 1,
             inodes: vec![(ROOT_INO, root_inode.to_record_plain())],
+            history: Vec::new(),
         };
         let (obj, _tag) = seal_checkpoint(&meta_key, &store_id, 0, &ckpt);
         store
@@ -926,18 +930,20 @@ impl Volume {
         vck?;
         // Snapshots hold chunks under the current content key: a re-key
         // would have to keep that key or rewrite every snapshot. Refuse.
-        let snaps = store
+        let snaps: Vec<String> = store
             .list(Kind::Meta)
             .map_err(io_at(root))?
-            .iter()
+            .into_iter()
             .filter(|n| parse_seq(n, "snapshot").is_some())
-            .count();
-        if snaps > 0 {
+            .collect();
+        if !snaps.is_empty() {
             return Err(OpenError::Kms(KmsError::Refused(format!(
-                "{} has {snaps} snapshot(s), which keep chunks under the current content key; \
+                "{} has {} snapshot(s) (meta/{}), which keep chunks under the current content key; \
                  delete them first (`sealfs snapshot delete`), or make a fully re-encrypted copy \
                  with `sealfs clone --reencrypt`",
-                root.display()
+                root.display(),
+                snaps.len(),
+                snaps.join(", meta/")
             ))));
         }
         if hdr.rekey.is_some() {
@@ -1017,7 +1023,21 @@ impl Volume {
                     FsError::IO
                 })?;
             let gen = chunk_gen(&data).unwrap_or(0);
-            if gen != keys.cur.0 {
+            if gen == keys.cur.0 {
+                // Done already (an interrupted re-key): the generation in
+                // the object's header is not trusted until the chunk
+                // opens under the current key (it is in the AD), or a
+                // chunk still under the old key could be passed off as
+                // done and be lost when the old key is dropped.
+                open_chunk(&keys.cur.1, &sid, &r.id, gen, r.len as usize, &data).map_err(|e| {
+                    log::error!(
+                        "re-key: chunk {} of {} claims the new key but does not open under it: {e}",
+                        r.name(),
+                        self.path_of(ino)
+                    );
+                    FsError::IO
+                })?;
+            } else {
                 let key = keys.for_gen(gen).ok_or_else(|| {
                     log::error!(
                         "re-key: chunk {} of {} has unknown key generation {gen}",
@@ -1033,7 +1053,12 @@ impl Volume {
                     })?;
                 let id: [u8; 16] = crypto::random_bytes();
                 let obj = seal_chunk(&keys.cur.1, &sid, &id, keys.cur.0, &plain);
-                self.store.put(Kind::Chunk, &hex::encode(id), &obj, false)?;
+                self.store
+                    .put(Kind::Chunk, &hex::encode(id), &obj, false)
+                    .map_err(|e| {
+                        log::error!("re-key: writing a chunk failed: {e}");
+                        FsError::from(e)
+                    })?;
                 let mut st = self.state.lock();
                 let epoch = st.seq + 1;
                 let mut swapped = false;
@@ -1191,6 +1216,11 @@ impl Volume {
         }
         let (cseq, seq, tag) = (chain.ckpt, chain.seq, chain.tag);
         let chain_tags = chain.tags;
+        st.history = chain_tags
+            .iter()
+            .skip(chain_tags.len().saturating_sub(format::HISTORY_MAX))
+            .copied()
+            .collect();
         if !st.inodes.contains_key(&ROOT_INO) {
             return Err(meta_err("the root directory is missing".into()));
         }
@@ -1220,8 +1250,11 @@ impl Volume {
         // live chain passed the rollback check above).
         let mut snap_state = None;
         if let Some(name) = &opts.snapshot {
-            let found = snapshot::find_snapshot(&*store, &names, &meta_key, &hdr.store_id, name)
-                .map_err(meta_err)?;
+            let dead =
+                snapshot::read_tombstones(&snapshot::tombstone_path(&state_dir, &hdr.store_id));
+            let found =
+                snapshot::find_snapshot(&*store, &names, &meta_key, &hdr.store_id, name, &dead)
+                    .map_err(meta_err)?;
             let Some(body) = found else {
                 return Err(OpenError::UnknownSnapshot {
                     path: root.to_path_buf(),
@@ -1624,6 +1657,7 @@ impl Volume {
             let body = CheckpointBody {
                 next_ino: st.next_ino,
                 inodes,
+                history: st.history.iter().copied().collect(),
             };
             let (obj, _) = seal_checkpoint(&self.meta_key, &sid, seq, &body);
             (obj, checkpoint_name(seq), true)
@@ -1690,6 +1724,10 @@ impl Volume {
             st.journal_bytes_since_ckpt += obj.len() as u64;
         }
         let tag = st.last_tag;
+        st.history.push_back((seq, tag));
+        while st.history.len() > format::HISTORY_MAX {
+            st.history.pop_front();
+        }
         drop(st);
         self.record_seq(seq, &tag);
         // 3. Free what the committed state no longer references, unless a
@@ -1925,7 +1963,8 @@ impl Volume {
                             freed = fd.chunks.insert(j.idx, r).map(|o| o.id);
                             cache.push((j.id, j.data.clone()));
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            log::error!("writing a chunk to {} failed: {e}", self.root.display());
                             // keep the data dirty; the next commit retries
                             if let std::collections::btree_map::Entry::Vacant(e) =
                                 fd.dirty.entry(j.idx)
