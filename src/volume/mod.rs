@@ -3129,4 +3129,6 @@ fn _assert_send_sync() {
 }
 
 #[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod tests;
