@@ -62,8 +62,8 @@ fn wrong_passphrase() {
     let ks = dir.join("keystore");
     let good = dir.join("good.pass");
     let bad = dir.join("bad.pass");
-    std::fs::write(&good, format!("{PASS}\n")).unwrap();
-    std::fs::write(&bad, "not the passphrase\n").unwrap();
+    write_private(&good, format!("{PASS}\n"));
+    write_private(&bad, "not the passphrase\n");
 
     let out = run({
         let mut c = pass_cmd(&dir, &ks, &good);
@@ -395,7 +395,7 @@ fn background_mount_with_wrong_key_file_reports_why() {
     let store = env.create_store("store");
     let before = snapshot_store(&store);
     let wrong = env.path("wrong.key");
-    std::fs::write(&wrong, [0x5au8; 32]).unwrap();
+    write_private(&wrong, [0x5au8; 32]);
     let mp = empty_dir(&env, "mnt");
     let _guard = BgGuard(mp.clone());
     let mut c = env.cmd();
@@ -403,7 +403,7 @@ fn background_mount_with_wrong_key_file_reports_why() {
     let out = failed_mount(c, &store, &mp, false, &[]);
     assert_failed(&out, &["wrong passphrase or key file"], "background mount");
     // A malformed key file is reported as such.
-    std::fs::write(&wrong, b"short").unwrap();
+    write_private(&wrong, b"short");
     let mut c = env.cmd();
     c.env("SEALFS_KEY_FILE", &wrong);
     let out = failed_mount(c, &store, &mp, false, &[]);

@@ -1905,8 +1905,8 @@ fn change_passphrase_and_restore_backup() {
     let p1 = env.path("p1.pass");
     let p2 = env.path("p2.pass");
     let k2 = env.path("k2.key");
-    std::fs::write(&p1, "first passphrase\n").unwrap();
-    std::fs::write(&p2, "second passphrase\n").unwrap();
+    write_private(&p1, "first passphrase\n");
+    write_private(&p2, "second passphrase\n");
     let want = {
         let mut v = vec![
             "alias/sealfs/default".to_string(),

@@ -121,6 +121,14 @@ pub enum KeyCmd {
     ///
     /// Example: sealfs key restore-backup
     RestoreBackup,
+    /// Accept the keystore file as it is although this machine has seen a
+    /// newer revision of it (it was replaced by an older copy), or although
+    /// the local record of its revision is damaged. Audited as
+    /// AcceptKeystore; keys destroyed before stay destroyed. Prefer
+    /// `restore-backup` to go back to the previous version.
+    ///
+    /// Example: sealfs key accept-keystore
+    AcceptKeystore,
     /// Show or verify the audit log of every keystore operation
     ///
     /// Example: sealfs key audit --key alias/photos --since 2026-11-01
@@ -479,6 +487,18 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
                 kms::backup_path(&p).display()
             );
         }
+        KeyCmd::AcceptKeystore => {
+            let p = super::keystore_path(g);
+            let s = secret(g, &p, false)?;
+            let (found, seen) = kms::Keystore::accept_keystore(&p, &s)?;
+            match seen {
+                Some(r) if r > found => println!(
+                    "accepted keystore {} at revision {found} (this machine had seen revision {r}); it continues above revision {r}",
+                    p.display()
+                ),
+                _ => println!("accepted keystore {} at revision {found}", p.display()),
+            }
+        }
         KeyCmd::Audit {
             key,
             since,
@@ -489,8 +509,15 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
             let log = audit::log_path(ks.path());
             if verify {
                 match ks.verify_audit() {
-                    Ok(n) => {
-                        println!("audit log {} is intact: {n} entries", log.display());
+                    Ok(v) => {
+                        for n in &v.notes {
+                            println!("note: {n}");
+                        }
+                        println!(
+                            "audit log {} is intact: {} entries",
+                            log.display(),
+                            v.entries
+                        );
                         return Ok(());
                     }
                     Err(e) => bail!("audit log {} is NOT intact: {e}", log.display()),

@@ -964,15 +964,38 @@ impl KeyWatcher {
                     }
                     match ks.reload() {
                         Ok(n) => {
+                            if warned {
+                                log::warn!(
+                                    "the keystore {} reads again; checking the content key",
+                                    n.path().display()
+                                );
+                            }
                             ks = n;
                             warned = false;
                         }
                         Err(e) => {
+                            // Fail closed: a keystore that cannot be read,
+                            // authenticated or is older than the one seen
+                            // could hide a disabled or deleted key.
+                            let why = format!(
+                                "the keystore cannot be re-read to check the content key ({e}); file content is revoked until a good keystore is back (after a passphrase change, remount)"
+                            );
                             if !warned {
-                                log::error!(
-                                    "cannot re-read the keystore to check the content key: {e}; key state changes are not enforced until this works again (remount after a passphrase change)"
-                                );
+                                log::error!("{why}");
                                 warned = true;
+                            }
+                            match vol.content_unavailable() {
+                                None => {
+                                    if let Ok(d) = std::fs::File::open(&mp) {
+                                        let _ = rustix::fs::syncfs(&d);
+                                    }
+                                    vol.revoke_content(&why);
+                                    for ino in vol.file_inodes() {
+                                        let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+                                    }
+                                }
+                                Some(old) if old != why => vol.revoke_content(&why),
+                                Some(_) => {}
                             }
                             continue;
                         }

@@ -20,11 +20,12 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::crypto::{self, AeadKey, Key32};
 
 pub mod audit;
+pub mod seen;
 
 /// Magic bytes at the start of a keystore file.
 pub const KEYSTORE_MAGIC: &[u8; 8] = b"SEALFSKS";
 /// Current keystore file format version.
-pub const KEYSTORE_FORMAT_VERSION: u16 = 2;
+pub const KEYSTORE_FORMAT_VERSION: u16 = 3;
 /// Length of the fixed keystore header (before the sealed body).
 pub const KEYSTORE_HEADER_LEN: usize = 8 + 2 + 1 + 16 + 12;
 
@@ -108,6 +109,20 @@ pub enum KmsError {
     BadKeyFile { path: PathBuf, why: String },
     #[error("{0}")]
     Refused(String),
+    #[error("{CLOCK_ENV}={given} ({}) is earlier than the clock of keystore {path}, which has reached {last} ({}): the keystore clock only moves forward, so that a deletion waiting period cannot be shortened nor an audit entry backdated; unset {CLOCK_ENV} or set it to {last} or later", fmt_date(*given), fmt_date(*last), path = path.display())]
+    ClockBackwards {
+        path: PathBuf,
+        given: u64,
+        last: u64,
+    },
+    #[error("keystore {path} is revision {found}, but this machine has already seen revision {seen}: it was replaced by an older copy (for example KEYSTORE.bak copied over it), which could undo a disable, a deletion or a rotation; refused. To go back to the backup use `sealfs key restore-backup`; if you really want this older copy, accept it with `sealfs key accept-keystore` (audited)", path = path.display())]
+    Rollback {
+        path: PathBuf,
+        found: u64,
+        seen: u64,
+    },
+    #[error("{0}")]
+    State(String),
     #[error("keystore {path}: {source}")]
     Io {
         path: PathBuf,
@@ -134,43 +149,37 @@ pub enum KeystoreSecret {
 }
 
 impl KeystoreSecret {
-    /// Read a 32-byte key file (raw bytes, or 64 hex characters).
+    /// Read a key file: exactly 32 raw bytes, readable only by its owner.
     pub fn from_key_file(path: &Path) -> Result<Self> {
-        let data = Zeroizing::new(fs::read(path).map_err(|e| KmsError::BadKeyFile {
+        let data = read_private(path, "key file", 64).map_err(|why| KmsError::BadKeyFile {
             path: path.to_path_buf(),
-            why: format!("cannot read it ({e}); check the path given with --key-file"),
-        })?);
-        if let Some(k) = Key32::from_slice(&data) {
-            return Ok(KeystoreSecret::KeyFile(k));
-        }
-        let text = std::str::from_utf8(&data).unwrap_or("").trim();
-        if text.len() == 64 {
-            let mut raw = Zeroizing::new([0u8; 32]);
-            if hex::decode_to_slice(text, &mut raw[..]).is_ok() {
-                return Ok(KeystoreSecret::KeyFile(Key32::from_bytes(*raw)));
-            }
-        }
-        Err(KmsError::BadKeyFile {
-            path: path.to_path_buf(),
-            why: format!(
-                "must hold exactly 32 raw bytes or 64 hex characters, found {} bytes",
-                data.len()
-            ),
-        })
+            why,
+        })?;
+        Key32::from_slice(&data)
+            .map(KeystoreSecret::KeyFile)
+            .ok_or_else(|| KmsError::BadKeyFile {
+                path: path.to_path_buf(),
+                why: format!(
+                    "must hold exactly 32 raw bytes, found {}{}; make a new one with `sealfs init --key-file PATH --generate-key-file` (or `sealfs key change-passphrase --new-key-file PATH --generate`)",
+                    data.len(),
+                    if data.len() >= 64 { " or more" } else { "" }
+                ),
+            })
     }
 
-    /// Read a passphrase from a file (first line, without the newline).
+    /// Read a passphrase from a file (first line, without the newline);
+    /// the file must be readable only by its owner.
     pub fn from_passphrase_file(path: &Path) -> Result<Self> {
-        let data = Zeroizing::new(fs::read_to_string(path).map_err(|e| KmsError::BadKeyFile {
+        let bad = |why: String| KmsError::BadKeyFile {
             path: path.to_path_buf(),
-            why: format!("cannot read passphrase file ({e})"),
-        })?);
-        let line = data.lines().next().unwrap_or("");
+            why,
+        };
+        let data = read_private(path, "passphrase file", 64 * 1024).map_err(bad)?;
+        let text = std::str::from_utf8(&data)
+            .map_err(|_| bad("passphrase file is not UTF-8 text".into()))?;
+        let line = text.lines().next().unwrap_or("");
         if line.is_empty() {
-            return Err(KmsError::BadKeyFile {
-                path: path.to_path_buf(),
-                why: "passphrase file is empty".into(),
-            });
+            return Err(bad("passphrase file is empty".into()));
         }
         Ok(KeystoreSecret::Passphrase(Zeroizing::new(line.to_string())))
     }
@@ -181,6 +190,41 @@ impl KeystoreSecret {
             KeystoreSecret::KeyFile(_) => "key file",
         }
     }
+}
+
+/// Read a secret-bearing file through one handle: it must be a regular
+/// file that neither group nor others can access (as ssh insists for
+/// private keys), of at most `max` bytes. Errors are sentences that say
+/// how to fix it.
+fn read_private(
+    path: &Path,
+    what: &str,
+    max: u64,
+) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read the {what} ({e}); check the path given"))?;
+    let md = f
+        .metadata()
+        .map_err(|e| format!("cannot read the {what} ({e})"))?;
+    if !md.is_file() {
+        return Err(format!("the {what} is not a regular file"));
+    }
+    if md.mode() & 0o077 != 0 {
+        return Err(format!(
+            "the {what} is accessible by group or others (mode {:04o}): it unlocks the keystore, so sealfs refuses to use it; fix it with `chmod 600 {}`",
+            md.mode() & 0o7777,
+            path.display()
+        ));
+    }
+    let mut data = Zeroizing::new(Vec::with_capacity(max as usize + 1));
+    f.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read the {what} ({e})"))?;
+    Ok(data)
 }
 
 /// Write a new random key file (mode 0600). Refuses to overwrite.
@@ -396,8 +440,8 @@ pub fn fmt_date(secs: u64) -> String {
     )
 }
 
-/// The decrypted body of the keystore.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The decrypted body of the keystore (format version 3).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct KeystoreBody {
     /// Incremented on every change.
     pub revision: u64,
@@ -406,6 +450,25 @@ pub struct KeystoreBody {
     audit_key: [u8; 32],
     /// The newest audit entry (seq, mac) when the keystore was last saved.
     audit_head: Option<(u64, [u8; 32])>,
+    /// The keystore clock's high-water mark: the latest time (seconds since
+    /// the epoch) this keystore has used. The clock never goes below it.
+    clock: u64,
+    /// The audit log has a head file (`<keystore>.audit-head`): every
+    /// append since `audit_head` was recorded wrote it, so its absence is
+    /// tampering, not an old log.
+    audit_head_file: bool,
+}
+
+impl std::fmt::Debug for KeystoreBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeystoreBody")
+            .field("revision", &self.revision)
+            .field("keys", &self.keys)
+            .field("audit_key", &"[redacted]")
+            .field("audit_head", &self.audit_head.map(|h| h.0))
+            .field("clock", &self.clock)
+            .finish()
+    }
 }
 
 impl Default for KeystoreBody {
@@ -415,6 +478,8 @@ impl Default for KeystoreBody {
             keys: Vec::new(),
             audit_key: *Key32::random().as_bytes(),
             audit_head: None,
+            clock: 0,
+            audit_head_file: false,
         }
     }
 }
@@ -422,6 +487,49 @@ impl Default for KeystoreBody {
 impl Drop for KeystoreBody {
     fn drop(&mut self) {
         self.audit_key.zeroize();
+    }
+}
+
+/// Keystore format version 2 (before the clock and the head-file flag):
+/// read and converted on open, never written.
+mod v2 {
+    use serde::Deserialize;
+    use zeroize::Zeroize;
+
+    #[derive(Deserialize)]
+    pub struct KeystoreBody {
+        pub revision: u64,
+        pub keys: Vec<super::MasterKey>,
+        pub audit_key: [u8; 32],
+        pub audit_head: Option<(u64, [u8; 32])>,
+    }
+
+    impl Drop for KeystoreBody {
+        fn drop(&mut self) {
+            self.audit_key.zeroize();
+        }
+    }
+}
+
+fn upgrade_v2(mut old: v2::KeystoreBody) -> KeystoreBody {
+    // the clock starts at the latest time the keystore recorded
+    let clock = old
+        .keys
+        .iter()
+        .flat_map(|k| {
+            [k.created, k.deleted.unwrap_or(0)]
+                .into_iter()
+                .chain(k.versions.iter().map(|v| v.created))
+        })
+        .max()
+        .unwrap_or(0);
+    KeystoreBody {
+        revision: old.revision,
+        keys: std::mem::take(&mut old.keys),
+        audit_key: old.audit_key,
+        audit_head: old.audit_head,
+        clock,
+        audit_head_file: false,
     }
 }
 
@@ -614,7 +722,7 @@ impl KdfHeader {
             return Err(corrupt("bad magic or truncated header"));
         }
         let version = u16::from_le_bytes([data[8], data[9]]);
-        if version != KEYSTORE_FORMAT_VERSION && version != 1 {
+        if !(1..=KEYSTORE_FORMAT_VERSION).contains(&version) {
             return Err(KmsError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 found: version,
@@ -881,7 +989,9 @@ impl Keystore {
             _lock: lock,
             caller: audit::Caller::current(),
         };
-        let now = kms_now();
+        check_clock(path, ks.body.clock)?;
+        ks.check_rollback()?;
+        let now = ks.now();
         let needs_save = ks.kdf.version != KEYSTORE_FORMAT_VERSION || due_work(&ks.body, now);
         if needs_save || (for_update && ks.needs_service_keys()) {
             if ks._lock.is_none() {
@@ -891,13 +1001,51 @@ impl Keystore {
                 ks.kdf = kdf;
                 ks.kek = kek;
                 ks.body = body;
+                ks.check_rollback()?;
                 ks.housekeeping(now)?;
                 drop(lock);
             } else {
                 ks.housekeeping(now)?;
             }
         }
+        ks.note_seen()?;
         Ok(ks)
+    }
+
+    /// The keystore clock for this keystore: [`kms_now`], but never earlier
+    /// than the latest time the keystore has recorded.
+    fn now(&self) -> u64 {
+        kms_now().max(self.body.clock)
+    }
+
+    /// Refuse a keystore older than the newest revision this machine saw.
+    fn check_rollback(&self) -> Result<()> {
+        match seen::load(&self.path).map_err(KmsError::State)? {
+            Some(s) if s.revision > self.body.revision => Err(KmsError::Rollback {
+                path: self.path.clone(),
+                found: self.body.revision,
+                seen: s.revision,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Record this keystore's revision, clock and destroyed keys in the
+    /// local state (only ever forward).
+    fn note_seen(&self) -> Result<()> {
+        let old = seen::load(&self.path).map_err(KmsError::State)?;
+        let mut s = old.clone().unwrap_or_default();
+        s.revision = s.revision.max(self.body.revision);
+        s.clock = s.clock.max(self.body.clock);
+        for k in &self.body.keys {
+            if k.state == KeyState::Deleted && !s.destroyed.contains(&k.id) {
+                s.destroyed.push(k.id.clone());
+            }
+        }
+        if old.as_ref() != Some(&s) {
+            seen::store(&self.path, &s).map_err(KmsError::State)?;
+        }
+        Ok(())
     }
 
     fn read_file(path: &Path, secret: &KeystoreSecret) -> Result<(KdfHeader, Key32, KeystoreBody)> {
@@ -924,10 +1072,10 @@ impl Keystore {
             path: path.to_path_buf(),
             why: format!("body does not parse: {e}"),
         };
-        if kdf.version == 1 {
-            Ok(upgrade_v1(postcard::from_bytes(&plain).map_err(corrupt)?))
-        } else {
-            postcard::from_bytes(&plain).map_err(corrupt)
+        match kdf.version {
+            1 => Ok(upgrade_v1(postcard::from_bytes(&plain).map_err(corrupt)?)),
+            2 => Ok(upgrade_v2(postcard::from_bytes(&plain).map_err(corrupt)?)),
+            _ => postcard::from_bytes(&plain).map_err(corrupt),
         }
     }
 
@@ -944,6 +1092,13 @@ impl Keystore {
             )));
         }
         let body = Self::decrypt_body(&self.path, &kdf, &self.kek, &data)?;
+        if body.revision < self.body.revision {
+            return Err(KmsError::Rollback {
+                path: self.path.clone(),
+                found: body.revision,
+                seen: self.body.revision,
+            });
+        }
         let mut ks = Keystore {
             path: self.path.clone(),
             kdf,
@@ -952,14 +1107,19 @@ impl Keystore {
             _lock: None,
             caller: self.caller.clone(),
         };
-        let now = kms_now();
+        ks.check_rollback()?;
+        // A daemon's clock was fixed when it started: it follows the
+        // keystore's clock forward instead of refusing.
+        let now = ks.now();
         if due_work(&ks.body, now) {
             let lock = take_lock(&ks.path)?;
             let data = fs::read(&ks.path).map_err(io_err(&ks.path))?;
             ks.body = Self::decrypt_body(&ks.path, &ks.kdf, &ks.kek, &data)?;
+            ks.check_rollback()?;
             ks.housekeeping(now)?;
             drop(lock);
         }
+        ks.note_seen()?;
         Ok(ks)
     }
 
@@ -967,6 +1127,7 @@ impl Keystore {
     /// upgrade the format; save if anything changed. Needs the lock.
     fn housekeeping(&mut self, now: u64) -> Result<()> {
         let mut changed = self.kdf.version != KEYSTORE_FORMAT_VERSION;
+        let mut destroyed = false;
         self.kdf.version = KEYSTORE_FORMAT_VERSION;
         changed |= self.ensure_service_keys();
         let mut events: Vec<(String, &'static str, Option<u32>, String)> = Vec::new();
@@ -992,6 +1153,7 @@ impl Keystore {
                     "waiting period over: key material destroyed".into(),
                 ));
                 changed = true;
+                destroyed = true;
             } else if rotation_due(k, now) {
                 let v = k.current_version() + 1;
                 k.versions
@@ -1019,7 +1181,11 @@ impl Keystore {
                 Some(detail),
             )?;
         }
-        if changed {
+        if destroyed {
+            // The previous file still holds the material: it must not
+            // become the backup.
+            self.save_with(Backup::SameAsNew)?;
+        } else if changed {
             self.save()?;
         }
         Ok(())
@@ -1063,7 +1229,7 @@ impl Keystore {
             ),
         ] {
             if self.resolve(alias).is_err() {
-                let now = kms_now();
+                let now = self.now();
                 let id = new_key_id();
                 self.body.keys.push(MasterKey {
                     aliases: vec![alias.to_string()],
@@ -1095,6 +1261,7 @@ impl Keystore {
     fn record(&mut self, r: Rec<'_>, result: &str, detail: Option<String>) -> Result<()> {
         let head = self.append_audit(&r, result, detail)?;
         self.body.audit_head = Some(head);
+        self.body.audit_head_file = true;
         Ok(())
     }
 
@@ -1106,7 +1273,7 @@ impl Keystore {
     ) -> Result<(u64, [u8; 32])> {
         let e = audit::Entry {
             seq: 0,
-            time: kms_now(),
+            time: self.now(),
             op: r.op.to_string(),
             key_id: r.key.map(|k| k.0.to_string()),
             key_version: r.key.and_then(|k| k.1),
@@ -1121,6 +1288,7 @@ impl Keystore {
             &audit::log_path(&self.path),
             &Key32::from_bytes(self.body.audit_key),
             e,
+            self.body.audit_head_file,
         )?)
     }
 
@@ -1133,14 +1301,16 @@ impl Keystore {
     /// Write the keystore atomically: temp file, fsync, rename, fsync dir.
     /// The previous file is kept as `<path>.bak`.
     pub fn save(&mut self) -> Result<()> {
+        self.save_with(Backup::Previous)
+    }
+
+    fn save_with(&mut self, backup: Backup) -> Result<()> {
         self.body.revision += 1;
+        self.body.clock = self.now();
         self.kdf.version = KEYSTORE_FORMAT_VERSION;
-        let header = self.kdf.encode();
-        let plain = Zeroizing::new(postcard::to_stdvec(&self.body).expect("serializable"));
-        let sealed = AeadKey::new(&self.kek).seal(&header, &plain);
-        let mut out = header;
-        out.extend_from_slice(&sealed);
-        write_file_atomic(&self.path, &out, true)
+        let out = seal_body(&self.kdf, &self.kek, &self.body);
+        write_file_atomic(&self.path, &out, backup)?;
+        self.note_seen()
     }
 
     /// All keys.
@@ -1270,7 +1440,7 @@ impl Keystore {
             }
             check_rotation_days(d)?;
         }
-        let now = kms_now();
+        let now = self.now();
         let id = new_key_id();
         let versions = match origin {
             KeyOrigin::Generated => vec![KeyVersion::new(&id, 1, now, *Key32::random().as_bytes())],
@@ -1435,6 +1605,7 @@ impl Keystore {
     /// after `days` (7–30). Returns the deletion date.
     pub fn schedule_deletion(&mut self, name: &str, days: u32) -> Result<u64> {
         let id = self.target("ScheduleKeyDeletion", name, true)?;
+        let now = self.now();
         if !(PENDING_DAYS_MIN..=PENDING_DAYS_MAX).contains(&days) {
             return self.deny(
                 "ScheduleKeyDeletion",
@@ -1452,7 +1623,7 @@ impl Keystore {
             ));
             return self.deny("ScheduleKeyDeletion", Some(&id), e);
         }
-        let when = kms_now() + days as u64 * 86400;
+        let when = now + days as u64 * 86400;
         k.state = KeyState::PendingDeletion;
         k.deletion_date = Some(when);
         self.commit_change(
@@ -1496,6 +1667,7 @@ impl Keystore {
     /// deleted material (which must be identical).
     pub fn import(&mut self, name: &str, material: &[u8; 32]) -> Result<u32> {
         let id = self.target("ImportKeyMaterial", name, true)?;
+        let now = self.now();
         let k = self.get_mut(&id);
         if k.origin != KeyOrigin::External {
             let e = KmsError::Refused(format!(
@@ -1509,8 +1681,7 @@ impl Keystore {
         }
         let fp = fingerprint(&id, material);
         let version = if k.versions.is_empty() {
-            k.versions
-                .push(KeyVersion::new(&id, 1, kms_now(), *material));
+            k.versions.push(KeyVersion::new(&id, 1, now, *material));
             1
         } else if let Some(v) = k
             .versions
@@ -1571,13 +1742,13 @@ impl Keystore {
     /// material; imported keys need new material. Returns the new version.
     pub fn rotate(&mut self, name: &str, material: Option<&[u8; 32]>) -> Result<u32> {
         let id = self.target("RotateKey", name, false)?;
+        let now = self.now();
         let k = self.get_mut(&id);
         if !matches!(k.state, KeyState::Enabled | KeyState::Disabled) {
             let e = k.unusable();
             return self.deny("RotateKey", Some(&id), e);
         }
         let v = k.current_version() + 1;
-        let now = kms_now();
         match (k.origin, material) {
             (KeyOrigin::Generated, None) => {
                 k.versions
@@ -1697,8 +1868,39 @@ impl Keystore {
         self.save()
     }
 
+    /// Mark the keys `ids` destroyed (their material wiped) if this body
+    /// still has material or a live state for them. Returns the ids that
+    /// changed.
+    fn shred_ids(&mut self, ids: &[String], now: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in &mut self.body.keys {
+            if !ids.contains(&k.id) {
+                continue;
+            }
+            let had = k.versions.iter().any(|v| v.has_material());
+            if k.state == KeyState::Deleted && !had {
+                continue;
+            }
+            for v in &mut k.versions {
+                v.material.zeroize();
+                v.material = None;
+            }
+            k.state = KeyState::Deleted;
+            k.deleted = k.deleted.or(Some(now));
+            k.rotation_days = None;
+            k.aliases.clear();
+            out.push(k.id.clone());
+        }
+        out
+    }
+
     /// Bring back `<path>.bak` (which must open with `secret`); the current
     /// file becomes the new backup. Returns the restored revision.
+    ///
+    /// Keys destroyed in the current keystore or recorded as destroyed in
+    /// the local state stay destroyed: their material in the backup is
+    /// dropped. The restored keystore gets a revision above every revision
+    /// seen, so it passes the rollback check.
     pub fn restore_backup(path: &Path, secret: &KeystoreSecret) -> Result<u64> {
         let bak = backup_path(path);
         if !bak.exists() {
@@ -1711,7 +1913,7 @@ impl Keystore {
         let data = fs::read(&bak).map_err(io_err(&bak))?;
         let kdf = KdfHeader::decode(&bak, &data)?;
         let kek = kdf.derive_kek(&bak, secret)?;
-        let body = Self::decrypt_body(&bak, &kdf, &kek, &data).map_err(|e| match e {
+        let mut body = Self::decrypt_body(&bak, &kdf, &kek, &data).map_err(|e| match e {
             KmsError::WrongSecret(_) => KmsError::Refused(format!(
                 "the backup {} does not open with this secret (was the passphrase changed since? pass the old one)",
                 bak.display()
@@ -1719,6 +1921,31 @@ impl Keystore {
             other => other,
         })?;
         let revision = body.revision;
+        let seen = seen::load(path)
+            .map_err(KmsError::State)?
+            .unwrap_or_default();
+        // The current keystore, if this secret opens it.
+        let current = fs::read(path).ok();
+        let cur_body = current.as_deref().and_then(|d| {
+            let k = KdfHeader::decode(path, d).ok()?;
+            let kek = k.derive_kek(path, secret).ok()?;
+            Self::decrypt_body(path, &k, &kek, d).ok()
+        });
+        let mut destroyed = seen.destroyed.clone();
+        let mut floor = seen.revision;
+        let mut clock = seen.clock.max(body.clock);
+        if let Some(c) = &cur_body {
+            floor = floor.max(c.revision);
+            clock = clock.max(c.clock);
+            for k in c.keys.iter().filter(|k| k.state == KeyState::Deleted) {
+                if !destroyed.contains(&k.id) {
+                    destroyed.push(k.id.clone());
+                }
+            }
+        }
+        check_clock(path, clock)?;
+        body.revision = body.revision.max(floor);
+        body.clock = clock;
         let mut ks = Keystore {
             path: path.to_path_buf(),
             kdf,
@@ -1727,6 +1954,15 @@ impl Keystore {
             _lock: Some(lock),
             caller: audit::Caller::current(),
         };
+        let now = ks.now();
+        let shredded = ks.shred_ids(&destroyed, now);
+        let mut detail = format!("restored revision {revision} from {}", bak.display());
+        if !shredded.is_empty() {
+            detail.push_str(&format!(
+                "; the backup still held keys destroyed since, which stay destroyed: {}",
+                shredded.join(", ")
+            ));
+        }
         ks.record(
             Rec {
                 op: "RestoreBackup",
@@ -1734,21 +1970,98 @@ impl Keystore {
                 ctx: None,
             },
             "ok",
-            Some(format!(
-                "restored revision {revision} from {}",
-                bak.display()
-            )),
+            Some(detail),
         )?;
-        // Swap: the current file becomes the backup, the backup current.
-        let current = fs::read(path).map_err(io_err(path))?;
-        let header = ks.kdf.encode();
-        let plain = Zeroizing::new(postcard::to_stdvec(&ks.body).expect("serializable"));
-        let sealed = AeadKey::new(&ks.kek).seal(&header, &plain);
-        let mut out = header;
-        out.extend_from_slice(&sealed);
-        write_file_atomic(&bak, &current, false)?;
-        write_file_atomic(path, &out, false)?;
+        ks.body.revision += 1;
+        ks.body.clock = ks.now();
+        let out = seal_body(&ks.kdf, &ks.kek, &ks.body);
+        // Swap: the current file becomes the backup, the backup current;
+        // unless the current one holds material of a destroyed key.
+        let current_clean = cur_body.as_ref().is_some_and(|c| {
+            !c.keys
+                .iter()
+                .any(|k| destroyed.contains(&k.id) && k.versions.iter().any(|v| v.has_material()))
+        });
+        match current {
+            Some(cur) if current_clean || cur_body.is_none() => {
+                write_file_atomic(&bak, &cur, Backup::None)?
+            }
+            _ => write_file_atomic(&bak, &out, Backup::None)?,
+        }
+        write_file_atomic(path, &out, Backup::None)?;
+        ks.note_seen()?;
         Ok(revision)
+    }
+
+    /// Accept the keystore file as it is although this machine has seen a
+    /// newer revision of it (or its local state is damaged): audited as
+    /// AcceptKeystore. Keys the local state records as destroyed stay
+    /// destroyed. Returns (the file's revision, the revision seen before).
+    pub fn accept_keystore(path: &Path, secret: &KeystoreSecret) -> Result<(u64, Option<u64>)> {
+        if !path.exists() {
+            return Err(KmsError::NotFound(path.to_path_buf()));
+        }
+        let lock = take_lock(path)?;
+        let (kdf, kek, body) = Self::read_file(path, secret)?;
+        check_clock(path, body.clock)?;
+        let (seen, damaged) = match seen::load(path) {
+            Ok(s) => (s, None),
+            Err(e) => (None, Some(e)),
+        };
+        let found = body.revision;
+        let mut ks = Keystore {
+            path: path.to_path_buf(),
+            kdf,
+            kek,
+            body,
+            _lock: Some(lock),
+            caller: audit::Caller::current(),
+        };
+        let s = seen.clone().unwrap_or_default();
+        ks.body.revision = ks.body.revision.max(s.revision);
+        ks.body.clock = ks.body.clock.max(s.clock);
+        let now = ks.now();
+        let shredded = ks.shred_ids(&s.destroyed, now);
+        // Repair the local state first (save() updates it from there).
+        seen::store(
+            path,
+            &seen::Seen {
+                revision: ks.body.revision,
+                clock: ks.body.clock,
+                destroyed: s.destroyed.clone(),
+                ..seen::Seen::default()
+            },
+        )
+        .map_err(KmsError::State)?;
+        let mut detail = match (&seen, &damaged) {
+            (Some(s), _) => format!(
+                "accepted keystore revision {found} as it is, although this machine had seen revision {}",
+                s.revision
+            ),
+            (None, Some(e)) => format!("accepted keystore revision {found} as it is; the local state was unusable: {e}"),
+            (None, None) => format!("accepted keystore revision {found} (nothing recorded before)"),
+        };
+        if !shredded.is_empty() {
+            detail.push_str(&format!(
+                "; keys destroyed before stay destroyed: {}",
+                shredded.join(", ")
+            ));
+        }
+        ks.record(
+            Rec {
+                op: "AcceptKeystore",
+                key: None,
+                ctx: None,
+            },
+            "ok",
+            Some(detail),
+        )?;
+        ks.save_with(if shredded.is_empty() {
+            Backup::Previous
+        } else {
+            Backup::SameAsNew
+        })?;
+        Ok((found, seen.map(|s| s.revision)))
     }
 
     /// Wrap `data_key` under the newest version of master key `name`
@@ -1931,11 +2244,12 @@ impl Keystore {
     }
 
     /// Verify the audit log against this keystore's audit key.
-    pub fn verify_audit(&self) -> std::result::Result<u64, String> {
+    pub fn verify_audit(&self) -> std::result::Result<audit::Verified, String> {
         audit::verify(
             &audit::log_path(&self.path),
             &Key32::from_bytes(self.body.audit_key),
             self.body.audit_head,
+            self.body.audit_head_file,
         )
     }
 }
@@ -1950,43 +2264,99 @@ fn check_rotation_days(d: u32) -> Result<()> {
     }
 }
 
-/// Write `data` to `path` atomically (temp file, fsync, rename, fsync the
-/// directory), mode 0600; with `keep_backup`, copy the old file to
-/// `<path>.bak` first.
-fn write_file_atomic(path: &Path, data: &[u8], keep_backup: bool) -> Result<()> {
+/// What a keystore write does with the backup `<path>.bak`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backup {
+    /// Leave it alone.
+    None,
+    /// The file being replaced becomes the backup.
+    Previous,
+    /// The backup gets the new content too: the file being replaced holds
+    /// material that was just destroyed, so it must not survive anywhere.
+    SameAsNew,
+}
+
+/// Seal a keystore body: `header ‖ AEAD(kek, ad = header, postcard(body))`.
+/// The plaintext (which holds every key) is serialized into a buffer of
+/// exactly its size that is wiped on drop, never into a growing vector
+/// that would leave copies behind when it reallocates.
+fn seal_body(kdf: &KdfHeader, kek: &Key32, body: &KeystoreBody) -> Vec<u8> {
+    let header = kdf.encode();
+    let n = postcard::experimental::serialized_size(body).expect("serializable");
+    let mut plain = Zeroizing::new(vec![0u8; n]);
+    let used = postcard::to_slice(body, &mut plain[..])
+        .expect("buffer of the serialized size")
+        .len();
+    let sealed = AeadKey::new(kek).seal(&header, &plain[..used]);
+    let mut out = header;
+    out.extend_from_slice(&sealed);
+    out
+}
+
+fn tmp_of(path: &Path) -> PathBuf {
+    let mut t = path.as_os_str().to_owned();
+    t.push(".tmp");
+    PathBuf::from(t)
+}
+
+/// Write `data` to `path` through `<path>.tmp` (mode 0600, fsync, rename).
+fn write_replace(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tmp_of(path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Write `data` to `path` atomically (temp file, fsync, rename, fsync the
+/// directory), mode 0600, handling the backup as `backup` says.
+fn write_file_atomic(path: &Path, data: &[u8], backup: Backup) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(data).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+    let bak = backup_path(path);
+    match backup {
+        Backup::None => {}
+        Backup::Previous if path.exists() => {
+            let bak_tmp = tmp_of(&bak);
+            fs::copy(path, &bak_tmp)
+                .and_then(|_| File::open(&bak_tmp)?.sync_all())
+                .and_then(|_| fs::rename(&bak_tmp, &bak))
+                .map_err(io_err(&bak))?;
+        }
+        Backup::Previous => {}
+        Backup::SameAsNew => write_replace(&bak, data)?,
     }
-    if keep_backup && path.exists() {
-        let bak = backup_path(path);
-        let mut bak_tmp = bak.as_os_str().to_owned();
-        bak_tmp.push(".tmp");
-        let bak_tmp = PathBuf::from(bak_tmp);
-        fs::copy(path, &bak_tmp)
-            .and_then(|_| File::open(&bak_tmp)?.sync_all())
-            .and_then(|_| fs::rename(&bak_tmp, &bak))
-            .map_err(io_err(&bak))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    write_replace(path, data)?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;
+    Ok(())
+}
+
+/// Refuse a `SEALFS_KMS_NOW` earlier than the keystore clock `last`.
+fn check_clock(path: &Path, last: u64) -> Result<()> {
+    if let Some(given) = std::env::var(CLOCK_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        if given < last {
+            return Err(KmsError::ClockBackwards {
+                path: path.to_path_buf(),
+                given,
+                last,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -2141,18 +2511,250 @@ mod tests {
 
     #[test]
     fn key_file_formats() {
+        use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
+        let private = |p: &Path, data: &[u8]| {
+            fs::write(p, data).unwrap();
+            fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();
+        };
         let raw = d.path().join("raw");
         generate_key_file(&raw).unwrap();
         assert!(generate_key_file(&raw).is_err());
         assert!(KeystoreSecret::from_key_file(&raw).is_ok());
+        // exactly 32 bytes: hex text, short and long files are refused
         let hexf = d.path().join("hex");
-        fs::write(&hexf, format!("{}\n", "ab".repeat(32))).unwrap();
-        assert!(KeystoreSecret::from_key_file(&hexf).is_ok());
+        private(&hexf, format!("{}\n", "ab".repeat(32)).as_bytes());
+        let e = KeystoreSecret::from_key_file(&hexf).err().unwrap();
+        assert!(
+            e.to_string().contains("exactly 32 raw bytes, found 65"),
+            "{e}"
+        );
         let short = d.path().join("short");
-        fs::write(&short, b"abc").unwrap();
+        private(&short, b"abc");
         let e = KeystoreSecret::from_key_file(&short).err().unwrap();
-        assert!(e.to_string().contains("32 raw bytes"));
+        assert!(
+            e.to_string().contains("exactly 32 raw bytes, found 3"),
+            "{e}"
+        );
+        let long = d.path().join("long");
+        private(&long, &[7u8; 1000]);
+        let e = KeystoreSecret::from_key_file(&long).err().unwrap();
+        assert!(e.to_string().contains("found 65 or more"), "{e}");
         assert!(KeystoreSecret::from_key_file(&d.path().join("missing")).is_err());
+        // readable by group or others: refused with the fix
+        for mode in [0o640, 0o604, 0o644, 0o610] {
+            fs::set_permissions(&raw, fs::Permissions::from_mode(mode)).unwrap();
+            let e = KeystoreSecret::from_key_file(&raw)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains(&format!("chmod 600 {}", raw.display()))
+                    && e.contains("group or others"),
+                "{mode:o}: {e}"
+            );
+        }
+        fs::set_permissions(&raw, fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(KeystoreSecret::from_key_file(&raw).is_ok());
+        // not a regular file
+        let e = KeystoreSecret::from_key_file(d.path()).err().unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn passphrase_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pass");
+        fs::write(&p, "correct horse\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = KeystoreSecret::from_passphrase_file(&p)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&format!("chmod 600 {}", p.display())), "{e}");
+        assert!(!e.contains("horse"), "{e}");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        match KeystoreSecret::from_passphrase_file(&p).unwrap() {
+            KeystoreSecret::Passphrase(s) => assert_eq!(s.as_str(), "correct horse"),
+            _ => panic!("not a passphrase"),
+        }
+    }
+
+    /// Every file in `dir` that is a keystore sealed with `kek`, decrypted.
+    fn open_all_sealed(dir: &Path, kek: &Key32) -> Vec<(PathBuf, Zeroizing<Vec<u8>>)> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let data = fs::read(&p).unwrap();
+            if data.len() > KEYSTORE_HEADER_LEN && data.starts_with(KEYSTORE_MAGIC) {
+                let (h, sealed) = data.split_at(KEYSTORE_HEADER_LEN);
+                if let Ok(plain) = AeadKey::new(kek).open(h, sealed) {
+                    out.push((p, Zeroizing::new(plain)));
+                }
+            }
+        }
+        out
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// After destruction no file in the keystore's directory holds the
+    /// material: not raw, not as hex, not inside any sealed keystore
+    /// (current, backup, temp) opened with the keystore's own key; a
+    /// restored backup, even a planted pre-destruction copy, leaves the key
+    /// destroyed.
+    #[test]
+    fn destroyed_material_is_in_no_file_and_restore_cannot_bring_it_back() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ks");
+        let s = keyfile_secret();
+        let mut ks = Keystore::create(&p, &s).unwrap();
+        let id = ks
+            .create_key_with(&["byok".into()], "", KeyOrigin::External, None)
+            .unwrap();
+        let material = [0xA5u8; 32];
+        ks.import(&id, &material).unwrap();
+        ks.schedule_deletion(&id, 7).unwrap();
+        let kek = ks.kek.clone();
+        let before = fs::read(&p).unwrap();
+        // the pre-destruction file does hold it
+        assert!(contains(&open_all_sealed(d.path(), &kek)[0].1, &material));
+        // move the keystore clock past the waiting period
+        ks.body.clock = kms_now() + 8 * 86400;
+        ks.save().unwrap();
+        drop(ks);
+        let ks = Keystore::open(&p, &s, false).unwrap();
+        assert_eq!(ks.resolve(&id).unwrap().state, KeyState::Deleted);
+        drop(ks);
+        let check = |what: &str| {
+            for e in fs::read_dir(d.path()).unwrap() {
+                let f = e.unwrap().path();
+                let data = fs::read(&f).unwrap();
+                assert!(
+                    !contains(&data, &material),
+                    "{what}: raw in {}",
+                    f.display()
+                );
+                let h = hex::encode(material);
+                assert!(
+                    !contains(&data, h.as_bytes()),
+                    "{what}: hex in {}",
+                    f.display()
+                );
+            }
+            let sealed = open_all_sealed(d.path(), &kek);
+            assert!(sealed.len() >= 2, "{what}: keystore and backup");
+            for (f, plain) in &sealed {
+                assert!(
+                    !contains(plain, &material),
+                    "{what}: material sealed in {}",
+                    f.display()
+                );
+            }
+        };
+        check("after destruction");
+        // restore-backup: still destroyed
+        Keystore::restore_backup(&p, &s).unwrap();
+        let ks = Keystore::open(&p, &s, false).unwrap();
+        let k = ks.resolve(&id).unwrap();
+        assert_eq!(k.state, KeyState::Deleted);
+        assert!(k.versions.iter().all(|v| !v.has_material()));
+        drop(ks);
+        check("after restore-backup");
+        // a planted pre-destruction copy as the backup
+        fs::write(backup_path(&p), &before).unwrap();
+        Keystore::restore_backup(&p, &s).unwrap();
+        let ks = Keystore::open(&p, &s, false).unwrap();
+        let k = ks.resolve(&id).unwrap();
+        assert_eq!(k.state, KeyState::Deleted);
+        assert!(k.versions.iter().all(|v| !v.has_material()));
+        let log = fs::read_to_string(audit::log_path(&p)).unwrap();
+        assert!(log.contains("stay destroyed"), "{log}");
+        drop(ks);
+        check("after restoring a planted copy");
+        // a planted copy over the keystore itself is a rollback
+        fs::write(&p, &before).unwrap();
+        let e = Keystore::open(&p, &s, false).unwrap_err();
+        assert!(matches!(e, KmsError::Rollback { .. }), "{e}");
+        // accepting it keeps the key destroyed
+        Keystore::accept_keystore(&p, &s).unwrap();
+        let ks = Keystore::open(&p, &s, false).unwrap();
+        assert_eq!(ks.resolve(&id).unwrap().state, KeyState::Deleted);
+        drop(ks);
+        check("after accepting the planted copy");
+    }
+
+    #[test]
+    fn rollback_is_refused_by_open_and_reload() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ks");
+        let s = keyfile_secret();
+        let mut ks = Keystore::create(&p, &s).unwrap();
+        let id = ks.create_key(&["photos".into()], "").unwrap();
+        let old = fs::read(&p).unwrap();
+        let old_rev = ks.revision();
+        ks.disable(&id).unwrap();
+        let new_rev = ks.revision();
+        let watcher = Keystore::open(&p, &s, false).unwrap();
+        drop(ks);
+        // KEYSTORE.bak copied over the keystore to undo the disable
+        fs::copy(backup_path(&p), &p).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), old);
+        let e = Keystore::open(&p, &s, false).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("revision {old_rev}"))
+                && e.contains(&format!("seen revision {new_rev}"))
+                && e.contains("accept-keystore")
+                && e.contains("restore-backup"),
+            "{e}"
+        );
+        assert!(matches!(watcher.reload(), Err(KmsError::Rollback { .. })));
+        // accepting it: audited, continues above the seen revision
+        let (found, seen) = Keystore::accept_keystore(&p, &s).unwrap();
+        assert_eq!((found, seen), (old_rev, Some(new_rev)));
+        let ks = Keystore::open(&p, &s, false).unwrap();
+        assert!(ks.revision() > new_rev);
+        assert_eq!(ks.resolve(&id).unwrap().state, KeyState::Enabled);
+        assert!(fs::read_to_string(audit::log_path(&p))
+            .unwrap()
+            .contains("AcceptKeystore"));
+        assert!(ks.verify_audit().is_ok());
+        drop(ks);
+        // restore-backup is the legitimate way back, and records the revision
+        let mut ks = Keystore::open(&p, &s, true).unwrap();
+        ks.disable(&id).unwrap();
+        drop(ks);
+        Keystore::restore_backup(&p, &s).unwrap();
+        let ks = Keystore::open(&p, &s, false).unwrap();
+        assert_eq!(ks.resolve(&id).unwrap().state, KeyState::Enabled);
+        assert!(ks.verify_audit().is_ok());
+    }
+
+    #[test]
+    fn debug_never_prints_key_material() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ks");
+        let mut ks = Keystore::create(&p, &keyfile_secret()).unwrap();
+        let id = ks
+            .create_key_with(&["byok".into()], "", KeyOrigin::External, None)
+            .unwrap();
+        let material = [0x3Cu8; 32];
+        ks.import(&id, &material).unwrap();
+        let text = format!("{:?} {:?} {:?}", ks, ks.body, ks.keys());
+        let dec = format!("{:?}", material.to_vec());
+        assert!(
+            !text.contains(&hex::encode(material)) && !text.contains("60, 60, 60"),
+            "{text}"
+        );
+        assert!(!text.contains(&dec[1..20]));
+        let ak = format!("{:?}", ks.body.audit_key.to_vec());
+        assert!(
+            !text.contains(&ak[1..ak.len() - 1]),
+            "audit key printed: {text}"
+        );
+        assert!(text.contains("[redacted]"));
     }
 }

@@ -82,12 +82,27 @@ fn source_state(src: &Path, ks: &Keystore, snapshot: Option<&str>) -> Result<Sou
             // while the snapshot exists: no lock needed (the origin may be
             // mounted).
             let names = src_store.list(Kind::Meta).map_err(io_at(src))?;
-            super::snapshot::find_snapshot(&src_store, &names, &meta_key, &hdr.store_id, name)
-                .map_err(|why| err_at(src, why))?
-                .ok_or_else(|| OpenError::UnknownSnapshot {
-                    path: src.to_path_buf(),
-                    name: name.to_string(),
-                })?
+            let dead = super::default_state_dir()
+                .map(|d| {
+                    super::snapshot::read_tombstones(&super::snapshot::tombstone_path(
+                        &d,
+                        &hdr.store_id,
+                    ))
+                })
+                .unwrap_or_default();
+            super::snapshot::find_snapshot(
+                &src_store,
+                &names,
+                &meta_key,
+                &hdr.store_id,
+                name,
+                &dead,
+            )
+            .map_err(|why| err_at(src, why))?
+            .ok_or_else(|| OpenError::UnknownSnapshot {
+                path: src.to_path_buf(),
+                name: name.to_string(),
+            })?
         }
         None => {
             let vol = Volume::open(
@@ -324,6 +339,7 @@ fn build(
     let ckpt = CheckpointBody {
         next_ino: body.next_ino,
         inodes: std::mem::take(&mut body.inodes),
+        history: Vec::new(),
     };
     let (obj, _) = seal_checkpoint(&meta_key, &store_id, seq, &ckpt);
     out.put(Kind::Meta, &checkpoint_name(seq), &obj, true)

@@ -13,10 +13,20 @@ use crate::kms::WrappedKey;
 /// added the re-key state to the header, version 3 the data id (clones)
 /// and snapshot manifests; version 1 and 2 headers are still read and are
 /// rewritten as version 3 by the first read-write open.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// Version of chunk objects, journal records and checkpoints (unchanged
 /// since store format 1).
 pub const OBJECT_VERSION: u16 = 1;
+/// Version of journal records and checkpoints written by store format 4:
+/// padded plaintext, and checkpoints carry recent commit history.
+/// Version 1 objects (format 3) are still read.
+pub const META_OBJECT_VERSION: u16 = 2;
+/// Journal records and checkpoints of version 2 pad their plaintext with
+/// zeros to a multiple of this, so that a commit does not show a small
+/// file's exact size or an append's exact length.
+pub const META_PAD: usize = 256;
+/// Checkpoints keep the tags of at most this many earlier commits.
+pub const HISTORY_MAX: usize = 1024;
 /// Magic at the start of `sealfs.store`.
 pub const HEADER_MAGIC: &[u8; 8] = b"SEALFSV\0";
 /// Magic of a chunk object.
@@ -153,6 +163,33 @@ pub struct JournalBody {
 pub struct CheckpointBody {
     pub next_ino: u64,
     pub inodes: Vec<(u64, InodeRecord)>,
+    /// `(seq, tag)` of up to [`HISTORY_MAX`] commits before this one, oldest
+    /// first, so that a machine that saw one of them can tell this history
+    /// from another copy's (empty in version 1 checkpoints).
+    pub history: Vec<(u64, [u8; TAG_LEN])>,
+}
+
+/// A version 1 checkpoint's body (format 3).
+#[derive(Deserialize)]
+struct CheckpointBodyV1 {
+    next_ino: u64,
+    inodes: Vec<(u64, InodeRecord)>,
+}
+
+/// `postcard(value) ‖ zeros` to a multiple of [`META_PAD`], in a
+/// zeroizing buffer.
+fn encode_padded<T: Serialize>(value: &T) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut v = zeroize::Zeroizing::new(postcard::to_stdvec(value).expect("serializable"));
+    let padded = v.len().div_ceil(META_PAD).max(1) * META_PAD;
+    v.resize(padded, 0);
+    v
+}
+
+/// Decode what [`encode_padded`] made: the padding must be zeros, and
+/// shorter than [`META_PAD`].
+fn decode_padded<'a, T: Deserialize<'a>>(plain: &'a [u8]) -> Option<T> {
+    let (v, rest) = postcard::take_from_bytes::<T>(plain).ok()?;
+    (rest.len() < META_PAD && rest.iter().all(|&b| b == 0)).then_some(v)
 }
 
 /// The authenticated, mostly-plaintext body of `sealfs.store`.
@@ -427,12 +464,12 @@ pub fn seal_journal(
     prev_tag: &[u8; TAG_LEN],
     body: &JournalBody,
 ) -> (Vec<u8>, [u8; TAG_LEN]) {
-    let plain = postcard::to_stdvec(body).expect("serializable");
+    let plain = encode_padded(body);
     let sealed = key.seal(&journal_ad(store_id, seq, prev_tag), &plain);
     let tag = crypto::tag_of(&sealed);
     let mut out = Vec::with_capacity(14 + sealed.len());
     out.extend_from_slice(JOURNAL_MAGIC);
-    out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
+    out.extend_from_slice(&META_OBJECT_VERSION.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&sealed);
     (out, tag)
@@ -450,7 +487,8 @@ pub fn open_journal(
     if data.len() < 14 || &data[..4] != JOURNAL_MAGIC {
         return Err(bad(format!("journal record {seq} has a bad header")));
     }
-    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
+    let version = u16::from_le_bytes([data[4], data[5]]);
+    if version != OBJECT_VERSION && version != META_OBJECT_VERSION {
         return Err(bad(format!(
             "journal record {seq} has an unknown format version"
         )));
@@ -464,8 +502,13 @@ pub fn open_journal(
     let plain = key
         .open(&journal_ad(store_id, seq, prev_tag), sealed)
         .map_err(|_| bad(format!("journal record {seq} failed authentication (modified, reordered, or from another store)")))?;
-    let body = postcard::from_bytes(&plain)
-        .map_err(|_| bad(format!("journal record {seq} does not parse")))?;
+    let plain = zeroize::Zeroizing::new(plain);
+    let body = if version == OBJECT_VERSION {
+        postcard::from_bytes(&plain).ok()
+    } else {
+        decode_padded(&plain)
+    }
+    .ok_or_else(|| bad(format!("journal record {seq} does not parse")))?;
     Ok((body, crypto::tag_of(sealed)))
 }
 
@@ -485,13 +528,14 @@ fn checkpoint_ad(store_id: &[u8; 16], seq: u64, index: u32, last: bool) -> Vec<u
 fn seal_framed(
     key: &AeadKey,
     magic: &[u8; 4],
+    version: u16,
     num: u64,
     plain: &[u8],
     ad: impl Fn(u32, bool) -> Vec<u8>,
 ) -> (Vec<u8>, [u8; TAG_LEN]) {
     let mut out = Vec::with_capacity(plain.len() + 64);
     out.extend_from_slice(magic);
-    out.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&num.to_le_bytes());
     let frames: Vec<&[u8]> = if plain.is_empty() {
         vec![&[][..]]
@@ -511,18 +555,26 @@ fn seal_framed(
 
 /// Open an object sealed by [`seal_framed`] that must carry `num`; `what`
 /// names it in errors ("checkpoint 7").
+/// What [`open_framed`] returns: the plaintext, the tag of the last frame
+/// and the object's version.
+type Framed = (zeroize::Zeroizing<Vec<u8>>, [u8; TAG_LEN], u16);
+
+/// Returns the plaintext, the tag of the last frame and the object's
+/// version (one of `versions`).
 fn open_framed(
     key: &AeadKey,
     magic: &[u8; 4],
+    versions: &[u16],
     what: &str,
     num: u64,
     data: &[u8],
     ad: impl Fn(u32, bool) -> Vec<u8>,
-) -> Result<(zeroize::Zeroizing<Vec<u8>>, [u8; TAG_LEN]), FormatError> {
+) -> Result<Framed, FormatError> {
     if data.len() < 14 || &data[..4] != magic {
         return Err(bad(format!("{what} has a bad header")));
     }
-    if u16::from_le_bytes([data[4], data[5]]) != OBJECT_VERSION {
+    let version = u16::from_le_bytes([data[4], data[5]]);
+    if !versions.contains(&version) {
         return Err(bad(format!("{what} has an unknown format version")));
     }
     if u64::from_le_bytes(data[6..14].try_into().expect("8")) != num {
@@ -550,7 +602,7 @@ fn open_framed(
         })?;
         plain.extend_from_slice(&p);
         if last {
-            return Ok((plain, crypto::tag_of(frame)));
+            return Ok((plain, crypto::tag_of(frame), version));
         }
         index += 1;
     }
@@ -564,10 +616,15 @@ pub fn seal_checkpoint(
     seq: u64,
     body: &CheckpointBody,
 ) -> (Vec<u8>, [u8; TAG_LEN]) {
-    let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
-    seal_framed(key, CHECKPOINT_MAGIC, seq, &plain, |i, last| {
-        checkpoint_ad(store_id, seq, i, last)
-    })
+    let plain = encode_padded(body);
+    seal_framed(
+        key,
+        CHECKPOINT_MAGIC,
+        META_OBJECT_VERSION,
+        seq,
+        &plain,
+        |i, last| checkpoint_ad(store_id, seq, i, last),
+    )
 }
 
 /// Open a checkpoint that must have sequence number `seq`; returns the body
@@ -579,10 +636,30 @@ pub fn open_checkpoint(
     data: &[u8],
 ) -> Result<(CheckpointBody, [u8; TAG_LEN]), FormatError> {
     let what = format!("checkpoint {seq}");
-    let (plain, tag) = open_framed(key, CHECKPOINT_MAGIC, &what, seq, data, |i, last| {
-        checkpoint_ad(store_id, seq, i, last)
-    })?;
-    let body = postcard::from_bytes(&plain).map_err(|_| bad(format!("{what} does not parse")))?;
+    let (plain, tag, version) = open_framed(
+        key,
+        CHECKPOINT_MAGIC,
+        &[OBJECT_VERSION, META_OBJECT_VERSION],
+        &what,
+        seq,
+        data,
+        |i, last| checkpoint_ad(store_id, seq, i, last),
+    )?;
+    let body = if version == OBJECT_VERSION {
+        postcard::from_bytes::<CheckpointBodyV1>(&plain)
+            .ok()
+            .map(|b| CheckpointBody {
+                next_ino: b.next_ino,
+                inodes: b.inodes,
+                history: Vec::new(),
+            })
+    } else {
+        decode_padded(&plain)
+    }
+    .ok_or_else(|| bad(format!("{what} does not parse")))?;
+    if body.history.len() > HISTORY_MAX {
+        return Err(bad(format!("{what} has too long a history")));
+    }
     Ok((body, tag))
 }
 
@@ -616,9 +693,14 @@ pub fn snapshot_name(id: u64) -> String {
 /// Seal a snapshot manifest with the metadata key.
 pub fn seal_snapshot(key: &AeadKey, store_id: &[u8; 16], id: u64, body: &SnapshotBody) -> Vec<u8> {
     let plain = zeroize::Zeroizing::new(postcard::to_stdvec(body).expect("serializable"));
-    seal_framed(key, SNAPSHOT_MAGIC, id, &plain, |i, last| {
-        snapshot_ad(store_id, id, i, last)
-    })
+    seal_framed(
+        key,
+        SNAPSHOT_MAGIC,
+        OBJECT_VERSION,
+        id,
+        &plain,
+        |i, last| snapshot_ad(store_id, id, i, last),
+    )
     .0
 }
 
@@ -630,9 +712,15 @@ pub fn open_snapshot(
     data: &[u8],
 ) -> Result<SnapshotBody, FormatError> {
     let what = format!("snapshot manifest {id:016x}");
-    let (plain, _) = open_framed(key, SNAPSHOT_MAGIC, &what, id, data, |i, last| {
-        snapshot_ad(store_id, id, i, last)
-    })?;
+    let (plain, _, _) = open_framed(
+        key,
+        SNAPSHOT_MAGIC,
+        &[OBJECT_VERSION],
+        &what,
+        id,
+        data,
+        |i, last| snapshot_ad(store_id, id, i, last),
+    )?;
     postcard::from_bytes(&plain).map_err(|_| bad(format!("{what} does not parse")))
 }
 
@@ -771,6 +859,7 @@ mod tests {
         let body = CheckpointBody {
             next_ino: 40000,
             inodes,
+            history: vec![(5, [3u8; TAG_LEN]), (6, [4u8; TAG_LEN])],
         };
         let (c, tag) = seal_checkpoint(&k, &sid, 7, &body);
         assert!(c.len() > 2 * CHECKPOINT_FRAME, "several frames");
@@ -803,7 +892,7 @@ mod tests {
             data_id: [4; 16],
         };
         let h = encode_header(&body, &mk);
-        assert_eq!(&h[..10], b"SEALFSV\0\x03\x00");
+        assert_eq!(&h[..10], b"SEALFSV\0\x04\x00");
         assert_eq!(decode_header(&h).unwrap(), body);
         assert!(verify_header(&h, &mk));
         let mut t = h.clone();
@@ -811,10 +900,10 @@ mod tests {
         t[n - 40] ^= 1;
         assert!(!verify_header(&t, &mk));
         let mut v = h.clone();
-        v[8] = 4;
+        v[8] = 5;
         assert!(matches!(
             decode_header(&v),
-            Err(FormatError::Version { found: 4, .. })
+            Err(FormatError::Version { found: 5, .. })
         ));
         assert!(decode_header(&h[..h.len() - 1]).is_err());
         // during a re-key
@@ -849,7 +938,7 @@ mod tests {
             data_id: [4; 16],
         };
         let v3 = encode_header(&body, &mk);
-        assert_eq!(header_version(&v3), 3);
+        assert_eq!(header_version(&v3), FORMAT_VERSION);
         let len = u32::from_le_bytes(v3[10..14].try_into().unwrap()) as usize;
         assert_eq!(&v3[14 + len - 16..14 + len], &[4u8; 16]);
         assert_eq!(v3[14 + len - 17], 0, "rekey: None");
@@ -896,10 +985,58 @@ mod tests {
             &CheckpointBody {
                 next_ino: 3,
                 inodes: body.inodes.clone(),
+                history: Vec::new(),
             },
         );
         assert!(open_snapshot(&k, &sid, 77, &c).is_err());
         assert_eq!(snapshot_name(0x4d), "snapshot-000000000000004d");
+    }
+
+    /// Journal records of one padding class have one size whatever the
+    /// exact length of what they hold; padding that is not zeros, or as
+    /// long as a whole pad, is refused.
+    #[test]
+    fn journal_records_are_padded() {
+        let k = key();
+        let sid = [1u8; 16];
+        let prev = [0u8; TAG_LEN];
+        let rec = |n: usize| {
+            let mut r = sample_record();
+            r.data = RecordData::InlineFile(vec![7u8; n]);
+            JournalBody {
+                next_ino: 9,
+                upserts: vec![(2, r)],
+                deletes: vec![],
+            }
+        };
+        let sizes: std::collections::BTreeSet<usize> = (100..140)
+            .map(|n| seal_journal(&k, &sid, 1, &prev, &rec(n)).0.len())
+            .collect();
+        assert_eq!(sizes.len(), 1, "{sizes:?}");
+        let (obj, tag) = seal_journal(&k, &sid, 1, &prev, &rec(10));
+        assert_eq!(
+            open_journal(&k, &sid, 1, &prev, &obj).unwrap(),
+            (rec(10), tag)
+        );
+        // version-1 records (format 3) are still read
+        let plain = postcard::to_stdvec(&rec(10)).unwrap();
+        let sealed = k.seal(&journal_ad(&sid, 1, &prev), &plain);
+        let mut v1 = JOURNAL_MAGIC.to_vec();
+        v1.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
+        v1.extend_from_slice(&1u64.to_le_bytes());
+        v1.extend_from_slice(&sealed);
+        assert_eq!(open_journal(&k, &sid, 1, &prev, &v1).unwrap().0, rec(10));
+        // non-zero or over-long padding
+        for tail in [vec![1u8], vec![0u8; META_PAD]] {
+            let mut p = postcard::to_stdvec(&rec(10)).unwrap();
+            p.extend_from_slice(&tail);
+            let sealed = k.seal(&journal_ad(&sid, 1, &prev), &p);
+            let mut o = JOURNAL_MAGIC.to_vec();
+            o.extend_from_slice(&META_OBJECT_VERSION.to_le_bytes());
+            o.extend_from_slice(&1u64.to_le_bytes());
+            o.extend_from_slice(&sealed);
+            assert!(open_journal(&k, &sid, 1, &prev, &o).is_err());
+        }
     }
 
     #[test]

@@ -476,7 +476,9 @@ pub(crate) struct Chain {
     pub seq: u64,
     /// Tag of the last object applied (the next record chains to it).
     pub tag: [u8; TAG_LEN],
-    /// The tag after each object applied, from the checkpoint on.
+    /// The tag after each object applied, from the checkpoint on, after
+    /// the history the checkpoint carries: every commit known, oldest
+    /// first.
     pub tags: Vec<(u64, [u8; TAG_LEN])>,
     pub next_ino: u64,
     pub records: BTreeMap<u64, InodeRecord>,
@@ -548,6 +550,7 @@ pub(crate) fn read_chain(
     match opened {
         Ok((body, tag)) => {
             chain.tag = tag;
+            chain.tags = body.history;
             chain.tags.push((c, tag));
             chain.next_ino = body.next_ino;
             chain.records = body.inodes.into_iter().collect();
@@ -865,6 +868,7 @@ impl Volume {
         let ckpt = CheckpointBody {
             next_ino: ROOT_INO + 1,
             inodes: vec![(ROOT_INO, root_inode.to_record_plain())],
+            history: Vec::new(),
         };
         let (obj, _tag) = seal_checkpoint(&meta_key, &store_id, 0, &ckpt);
         store
@@ -1017,7 +1021,21 @@ impl Volume {
                     FsError::IO
                 })?;
             let gen = chunk_gen(&data).unwrap_or(0);
-            if gen != keys.cur.0 {
+            if gen == keys.cur.0 {
+                // Done already (an interrupted re-key): the generation in
+                // the object's header is not trusted until the chunk
+                // opens under the current key (it is in the AD), or a
+                // chunk still under the old key could be passed off as
+                // done and be lost when the old key is dropped.
+                open_chunk(&keys.cur.1, &sid, &r.id, gen, r.len as usize, &data).map_err(|e| {
+                    log::error!(
+                        "re-key: chunk {} of {} claims the new key but does not open under it: {e}",
+                        r.name(),
+                        self.path_of(ino)
+                    );
+                    FsError::IO
+                })?;
+            } else {
                 let key = keys.for_gen(gen).ok_or_else(|| {
                     log::error!(
                         "re-key: chunk {} of {} has unknown key generation {gen}",
@@ -1191,6 +1209,11 @@ impl Volume {
         }
         let (cseq, seq, tag) = (chain.ckpt, chain.seq, chain.tag);
         let chain_tags = chain.tags;
+        st.history = chain_tags
+            .iter()
+            .skip(chain_tags.len().saturating_sub(format::HISTORY_MAX))
+            .copied()
+            .collect();
         if !st.inodes.contains_key(&ROOT_INO) {
             return Err(meta_err("the root directory is missing".into()));
         }
@@ -1220,8 +1243,11 @@ impl Volume {
         // live chain passed the rollback check above).
         let mut snap_state = None;
         if let Some(name) = &opts.snapshot {
-            let found = snapshot::find_snapshot(&*store, &names, &meta_key, &hdr.store_id, name)
-                .map_err(meta_err)?;
+            let dead =
+                snapshot::read_tombstones(&snapshot::tombstone_path(&state_dir, &hdr.store_id));
+            let found =
+                snapshot::find_snapshot(&*store, &names, &meta_key, &hdr.store_id, name, &dead)
+                    .map_err(meta_err)?;
             let Some(body) = found else {
                 return Err(OpenError::UnknownSnapshot {
                     path: root.to_path_buf(),
@@ -1624,6 +1650,7 @@ impl Volume {
             let body = CheckpointBody {
                 next_ino: st.next_ino,
                 inodes,
+                history: st.history.iter().copied().collect(),
             };
             let (obj, _) = seal_checkpoint(&self.meta_key, &sid, seq, &body);
             (obj, checkpoint_name(seq), true)
@@ -1690,6 +1717,10 @@ impl Volume {
             st.journal_bytes_since_ckpt += obj.len() as u64;
         }
         let tag = st.last_tag;
+        st.history.push_back((seq, tag));
+        while st.history.len() > format::HISTORY_MAX {
+            st.history.pop_front();
+        }
         drop(st);
         self.record_seq(seq, &tag);
         // 3. Free what the committed state no longer references, unless a

@@ -300,18 +300,45 @@ impl From<FsError> for SnapshotError {
 /// unreadable manifest is logged and skipped; two manifests with the name
 /// mean one was put back from elsewhere, and nobody can tell which is
 /// genuine: that is an error, not a choice.
+/// The ids of snapshots deleted through this machine (see
+/// `Volume::tombstone_file`), from the file at `p`.
+pub(crate) fn read_tombstones(p: &std::path::Path) -> HashSet<u64> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
+        .collect()
+}
+
+/// The tombstone file of a volume in a state directory.
+pub(crate) fn tombstone_path(
+    state_dir: &std::path::Path,
+    store_id: &[u8; 16],
+) -> std::path::PathBuf {
+    state_dir
+        .join("volumes")
+        .join(format!("{}.deleted-snapshots", hex::encode(store_id)))
+}
+
+/// Find the snapshot named `name`; manifests whose id is in `dead` (deleted
+/// through this machine, put back from an older copy) are not considered.
 pub(crate) fn find_snapshot(
     store: &dyn crate::store::ObjectStore,
     names: &[String],
     meta_key: &crypto::AeadKey,
     store_id: &[u8; 16],
     name: &str,
+    dead: &HashSet<u64>,
 ) -> Result<Option<SnapshotBody>, String> {
     let mut found: Option<(String, SnapshotBody)> = None;
     for n in names {
         let Some(id) = parse_seq(n, "snapshot") else {
             continue;
         };
+        if dead.contains(&id) {
+            log::warn!("snapshot manifest {n} was deleted through this machine and is back (put back from an older copy); ignoring it");
+            continue;
+        }
         let body = store
             .get(Kind::Meta, n, crate::store::MAX_OBJECT)
             .map_err(|e| e.to_string())
@@ -445,11 +472,7 @@ impl Volume {
         let Some(p) = self.tombstone_file() else {
             return HashSet::new();
         };
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
-            .collect()
+        read_tombstones(&p)
     }
 
     fn add_tombstone(&self, id: u64) {
@@ -460,8 +483,7 @@ impl Volume {
         all.push(id);
         all.sort_unstable();
         let text: String = all.iter().map(|i| format!("{i:016x}\n")).collect();
-        let tmp = p.with_extension("deleted-snapshots.tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &p)) {
+        if let Err(e) = crate::store::write_atomic(&p, text.as_bytes()) {
             log::warn!(
                 "cannot record the deleted snapshot in {}: {e} (a restored copy of it would not be noticed)",
                 p.display()

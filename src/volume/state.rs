@@ -306,6 +306,9 @@ pub(crate) struct State {
     pub seq: u64,
     /// Tag the next journal record chains to.
     pub last_tag: [u8; TAG_LEN],
+    /// `(seq, tag)` of recent commits, oldest first, up to and including
+    /// `seq` (at most `format::HISTORY_MAX`); written into checkpoints.
+    pub history: std::collections::VecDeque<(u64, [u8; TAG_LEN])>,
     pub ckpt_seq: u64,
     pub ckpt_bytes: u64,
     pub records_since_ckpt: u64,
@@ -342,6 +345,7 @@ impl State {
             next_ino: ROOT_INO + 1,
             seq: 0,
             last_tag: [0; TAG_LEN],
+            history: Default::default(),
             ckpt_seq: 0,
             ckpt_bytes: 0,
             records_since_ckpt: 0,

@@ -363,6 +363,40 @@ fn rollback_is_detected() {
         .unwrap();
 }
 
+/// A store replaced by another copy whose history has as many commits
+/// (or more), but not the ones this machine saw, is refused.
+#[test]
+fn diverged_history_is_refused() {
+    let f = Fixture::new();
+    f.create(4096, 1024);
+    let v = f.open();
+    v.close().unwrap();
+    drop(v);
+    let fork = f.dir.path().join("fork");
+    copy_dir(&f.store(), &fork);
+    // history A, seen by this machine: one commit
+    let v = f.open();
+    v.mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.close().unwrap();
+    drop(v);
+    // history B, made elsewhere from the same origin: two commits
+    let mut o = f.opts();
+    o.state_dir = Some(f.dir.path().join("elsewhere"));
+    let v = Volume::open(&fork, &f.ks, &o).unwrap();
+    v.mknod(ROOT_INO, b"b", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.commit(false).unwrap();
+    v.mknod(ROOT_INO, b"c", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    v.close().unwrap();
+    drop(v);
+    std::fs::remove_dir_all(f.store()).unwrap();
+    std::fs::rename(&fork, f.store()).unwrap();
+    let e = Volume::open(&f.store(), &f.ks, &f.opts()).unwrap_err();
+    assert!(matches!(e, OpenError::Diverged { .. }), "{e}");
+}
+
 /// A damaged record of the last commit seen refuses the open (instead of
 /// skipping the check) until the store is accepted as it is.
 #[test]
@@ -962,15 +996,18 @@ fn format_2_stores_are_read_and_upgraded_by_a_read_write_open() {
     drop(v);
     assert_eq!(header_version(&std::fs::read(&hp).unwrap()), 2);
     assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 2);
-    // read-write: upgraded to format 3, data id = store id
+    // read-write: upgraded to the current format, data id = store id
     let v = f.open();
     assert_eq!(read_all(&v, a.ino), vec![4u8; 10000]);
     drop(v);
     let now = std::fs::read(&hp).unwrap();
-    assert_eq!(header_version(&now), 3);
+    assert_eq!(header_version(&now), FORMAT_VERSION);
     let h = decode_header(&now).unwrap();
     assert_eq!(h.data_id, h.store_id);
-    assert_eq!(Volume::info(&f.store(), &f.ks).unwrap().format_version, 3);
+    assert_eq!(
+        Volume::info(&f.store(), &f.ks).unwrap().format_version,
+        FORMAT_VERSION
+    );
 }
 
 #[test]
@@ -990,6 +1027,11 @@ fn a_deleted_snapshot_put_back_is_ignored_and_collected() {
     drop(v);
     // an attacker (or a restore) puts the manifest back
     std::fs::write(&path, &saved).unwrap();
+    // it is not found by a snapshot mount either
+    let mut o = f.opts();
+    o.snapshot = Some("old".into());
+    let e = Volume::open(&f.store(), &f.ks, &o).unwrap_err();
+    assert!(matches!(e, OpenError::UnknownSnapshot { .. }), "{e}");
     let v = f.open();
     assert!(v.snapshot_list().is_empty());
     assert!(v.lookup(SNAPDIR_INO, b"old").is_err());
@@ -1158,4 +1200,26 @@ fn volume_with_file_a(data: &[u8]) -> (Fixture, Arc<Volume>, Attr) {
         .unwrap();
     v.write(a.ino, 0, data).unwrap();
     (f, v, a)
+}
+
+/// `rekey` trusts only authenticated data to decide that a chunk is done: a
+/// chunk whose (unauthenticated) generation field was changed to the new
+/// generation is not skipped and kept under the old key (it would be lost
+/// when the old key is dropped); the re-key stops with EIO instead.
+#[test]
+fn rekey_does_not_trust_a_forged_generation() {
+    let (f, v, _a) = volume_with_file_a(&[5u8; 3 * 4096]);
+    v.close().unwrap();
+    drop(v);
+    assert!(!Volume::rekey_begin(&f.store(), &f.ks, None).unwrap());
+    // forge: every chunk claims the new generation
+    for n in chunk_objects(&f.store()) {
+        let p = f.store().join("chunks").join(&n[..2]).join(&n);
+        let mut d = std::fs::read(&p).unwrap();
+        let g = u32::from_le_bytes(d[6..10].try_into().unwrap());
+        d[6..10].copy_from_slice(&(g + 1).to_le_bytes());
+        std::fs::write(&p, d).unwrap();
+    }
+    let v = f.open();
+    assert_eq!(v.rekey_content(&mut |_, _| {}).unwrap_err(), FsError::IO);
 }

@@ -30,6 +30,23 @@ pub fn require_fuse() -> bool {
     ok
 }
 
+/// Write a file only its owner can read (mode 0600), as sealfs demands
+/// of key files and passphrase files.
+pub fn write_private(path: &Path, data: impl AsRef<[u8]>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    f.write_all(data.as_ref()).unwrap();
+    // an existing file keeps its mode on open: set it
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
 /// A temporary environment: keystore + key file + state dir + stores.
 pub struct Env {
     pub dir: tempfile::TempDir,
