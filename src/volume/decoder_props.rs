@@ -221,7 +221,7 @@ proptest! {
     #[test]
     fn mutated_checkpoint_is_refused(m in mutation(), n in 0u64..6, seq in 1u64..1000) {
         let k = key();
-        let body = CheckpointBody { next_ino: 77, inodes: inodes(n) };
+        let body = CheckpointBody { next_ino: 77, inodes: inodes(n), history: (1..=n).map(|i| (i, [i as u8; TAG_LEN])).collect() };
         let (orig, _) = seal_checkpoint(&k, &SID, seq, &body);
         prop_assert_eq!(open_checkpoint(&k, &SID, seq, &orig).unwrap().0, body);
         prop_assert!(open_checkpoint(&k, &SID, seq + 1, &orig).is_err());
@@ -287,6 +287,7 @@ fn checkpoint_frames_cannot_be_dropped_reordered_or_duplicated() {
     let body = CheckpointBody {
         next_ino: 9,
         inodes: big,
+        history: vec![(2, [1; TAG_LEN])],
     };
     let (obj, _) = seal_checkpoint(&k, &SID, 3, &body);
     assert_eq!(open_checkpoint(&k, &SID, 3, &obj).unwrap().0, body);
@@ -370,6 +371,13 @@ fn huge_prefix_cases() -> Vec<(String, Box<dyn Fn() -> bool>)> {
         ));
         let mut c = varint(5);
         c.extend(varint(claim));
+        let mut ch = varint(5);
+        ch.extend(varint(0)); // no inodes
+        ch.extend(varint(claim)); // history entries
+        cases.push((
+            format!("checkpoint body claiming {claim} history entries"),
+            Box::new(move || postcard::from_bytes::<CheckpointBody>(&ch).is_err()),
+        ));
         cases.push((
             format!("checkpoint body claiming {claim} inodes"),
             Box::new(move || postcard::from_bytes::<CheckpointBody>(&c).is_err()),
@@ -412,6 +420,7 @@ fn huge_prefix_cases() -> Vec<(String, Box<dyn Fn() -> bool>)> {
         let body = CheckpointBody {
             next_ino: 1,
             inodes: inodes(2),
+            history: Vec::new(),
         };
         let (mut obj, _) = seal_checkpoint(&k, &SID, 1, &body);
         obj[14..18].copy_from_slice(&claim.to_le_bytes());
