@@ -930,18 +930,20 @@ impl Volume {
         vck?;
         // Snapshots hold chunks under the current content key: a re-key
         // would have to keep that key or rewrite every snapshot. Refuse.
-        let snaps = store
+        let snaps: Vec<String> = store
             .list(Kind::Meta)
             .map_err(io_at(root))?
-            .iter()
+            .into_iter()
             .filter(|n| parse_seq(n, "snapshot").is_some())
-            .count();
-        if snaps > 0 {
+            .collect();
+        if !snaps.is_empty() {
             return Err(OpenError::Kms(KmsError::Refused(format!(
-                "{} has {snaps} snapshot(s), which keep chunks under the current content key; \
+                "{} has {} snapshot(s) (meta/{}), which keep chunks under the current content key; \
                  delete them first (`sealfs snapshot delete`), or make a fully re-encrypted copy \
                  with `sealfs clone --reencrypt`",
-                root.display()
+                root.display(),
+                snaps.len(),
+                snaps.join(", meta/")
             ))));
         }
         if hdr.rekey.is_some() {
@@ -1051,7 +1053,12 @@ impl Volume {
                     })?;
                 let id: [u8; 16] = crypto::random_bytes();
                 let obj = seal_chunk(&keys.cur.1, &sid, &id, keys.cur.0, &plain);
-                self.store.put(Kind::Chunk, &hex::encode(id), &obj, false)?;
+                self.store
+                    .put(Kind::Chunk, &hex::encode(id), &obj, false)
+                    .map_err(|e| {
+                        log::error!("re-key: writing a chunk failed: {e}");
+                        FsError::from(e)
+                    })?;
                 let mut st = self.state.lock();
                 let epoch = st.seq + 1;
                 let mut swapped = false;
@@ -1956,7 +1963,8 @@ impl Volume {
                             freed = fd.chunks.insert(j.idx, r).map(|o| o.id);
                             cache.push((j.id, j.data.clone()));
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            log::error!("writing a chunk to {} failed: {e}", self.root.display());
                             // keep the data dirty; the next commit retries
                             if let std::collections::btree_map::Entry::Vacant(e) =
                                 fd.dirty.entry(j.idx)
