@@ -3168,4 +3168,8 @@ fn _assert_send_sync() {
 }
 
 #[cfg(test)]
+mod decoder_props;
+#[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod tests;
