@@ -947,6 +947,12 @@ impl Keystore {
             _lock: Some(lock),
             caller: audit::Caller::current(),
         };
+        // A keystore made anew where an earlier one was continues above the
+        // revisions this machine saw of that one, so that it is not taken
+        // for an older copy.
+        ks.body.revision = seen::load(path)
+            .map_err(KmsError::State)?
+            .map_or(0, |s| s.revision);
         ks.ensure_service_keys();
         let ids: Vec<String> = ks.body.keys.iter().map(|k| k.id.clone()).collect();
         for id in &ids {
@@ -1031,6 +1037,7 @@ impl Keystore {
     /// Record this keystore's revision, clock and destroyed keys in the
     /// local state (only ever forward).
     fn note_seen(&self) -> Result<()> {
+        let _guard = seen::lock(&self.path).map_err(KmsError::State)?;
         let old = seen::load(&self.path).map_err(KmsError::State)?;
         let mut s = old.clone().unwrap_or_default();
         s.revision = s.revision.max(self.body.revision);
@@ -2736,6 +2743,26 @@ mod tests {
         let ks = Keystore::open(&p, &s, false).unwrap();
         assert_eq!(ks.resolve(&id).unwrap().state, KeyState::Enabled);
         assert!(ks.verify_audit().is_ok());
+    }
+
+    #[test]
+    fn a_new_keystore_at_the_same_path_is_not_a_rollback() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ks");
+        let mut ks = Keystore::create(&p, &keyfile_secret()).unwrap();
+        for i in 0..5 {
+            ks.create_key(&[format!("k{i}")], "").unwrap();
+        }
+        let seen_rev = ks.revision();
+        drop(ks);
+        for f in [p.clone(), backup_path(&p)] {
+            fs::remove_file(f).unwrap();
+        }
+        let s2 = keyfile_secret();
+        let ks = Keystore::create(&p, &s2).unwrap();
+        assert!(ks.revision() > seen_rev);
+        drop(ks);
+        Keystore::open(&p, &s2, false).unwrap();
     }
 
     #[test]
