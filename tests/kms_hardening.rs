@@ -233,6 +233,18 @@ fn keystore_clock_only_moves_forward() {
         "audit times go back: {times:?}"
     );
     assert!(*times.last().unwrap() >= t0 + 10 * DAY);
+    // an override that is not a time is refused, not ignored
+    let out = env
+        .cmd()
+        .env("SEALFS_KMS_NOW", "tomorrow")
+        .args(["key", "list"])
+        .output()
+        .unwrap();
+    assert_failed(
+        &out,
+        &["SEALFS_KMS_NOW=tomorrow", "not a number"],
+        "bad override",
+    );
     // the same or a later override is fine
     ok(
         &at(&env, t0 + 10 * DAY, &["key", "list"]),
