@@ -860,9 +860,11 @@ fn serve(
         fuser::SessionACL::Owner
     };
     vol.start_background_commits(Duration::from_secs(o.commit_secs));
-    let fs = crate::fuse::SealFs::new(vol.clone());
+    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads);
+    let notifier_slot = fs.notifier_slot();
     let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
     let mut session = session;
+    let _ = notifier_slot.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     let watcher = KeyWatcher::start(vol.clone(), ks, mountpoint, session.notifier())?;
     // SIGTERM / SIGINT / SIGHUP: unmount cleanly; the session then ends and

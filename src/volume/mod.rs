@@ -2028,7 +2028,13 @@ impl Volume {
             return self.virt_getattr(ino);
         }
         let st = self.state.lock();
-        Ok(self.attr_of(ino, st.get(ino)?))
+        match st.inodes.get(&ino) {
+            Some(i) => Ok(self.attr_of(ino, i)),
+            // Removed while the kernel still knows it (an open descriptor
+            // of a file or directory renamed over): its last attributes,
+            // with nlink 0.
+            None => st.gone.peek(&ino).copied().ok_or(FsError::NOENT),
+        }
     }
 
     /// Change attributes (chmod, chown, truncate, utimensat).
@@ -2061,10 +2067,15 @@ impl Volume {
         if let Some(g) = s.gid {
             i.gid = g;
         }
-        if s.uid.is_some() || s.gid.is_some() {
-            // chown clears set-user-ID / set-group-ID on files
-            if i.kind == FileKind::File {
-                i.perm &= !0o6000;
+        if (s.uid.is_some() || s.gid.is_some()) && s.mode.is_none() && i.kind != FileKind::Dir {
+            // chown of a non-directory clears set-user-ID, and set-group-ID
+            // only together with group execute: without it the bit marks
+            // mandatory locking and stays (as the VFS does for local file
+            // systems). When the kernel already worked out the new mode it
+            // sends it along, and that mode is taken as it is.
+            i.perm &= !0o4000;
+            if i.perm & 0o010 != 0 {
+                i.perm &= !0o2000;
             }
         }
         match s.atime {
@@ -2987,29 +2998,59 @@ impl Volume {
             return Ok(if whence == libc::SEEK_DATA { off } else { size });
         }
         let cs = self.hdr.chunk_size as u64;
-        let present = |idx: u64| fd.present(idx);
-        let last = (size - 1) / cs;
-        let mut idx = off / cs;
+        // Data of chunk idx: [idx * cs, idx * cs + data_len) within the size.
+        let data_end = |idx: u64| -> Option<u64> {
+            let l = fd.data_len(idx)?.min(cs);
+            (l > 0).then(|| (idx * cs + l).min(size))
+        };
         if whence == libc::SEEK_DATA {
-            // next stored chunk at or after idx
-            let next = fd
-                .chunks
-                .range(idx..)
-                .next()
-                .map(|(k, _)| *k)
-                .into_iter()
-                .chain(fd.dirty.range(idx..).next().map(|(k, _)| *k))
-                .chain(fd.flushing.range(idx..).next().map(|(k, _)| *k))
-                .min();
-            match next {
-                Some(n) if n <= last => Ok(off.max(n * cs)),
-                _ => Err(FsError::NXIO),
+            // the first chunk at or after off's with data beyond off
+            let first = off / cs;
+            let mut cands: BTreeSet<u64> = BTreeSet::new();
+            let mut it_c = fd.chunks.range(first..).map(|(k, _)| *k);
+            let mut it_d = fd.dirty.range(first..).map(|(k, _)| *k);
+            let mut it_f = fd.flushing.range(first..).map(|(k, _)| *k);
+            loop {
+                // merge the three index streams in order, a few at a time
+                for it in [
+                    &mut it_c as &mut dyn Iterator<Item = u64>,
+                    &mut it_d,
+                    &mut it_f,
+                ] {
+                    if let Some(k) = it.next() {
+                        cands.insert(k);
+                    }
+                }
+                let Some(idx) = cands.pop_first() else {
+                    return Err(FsError::NXIO);
+                };
+                if idx * cs >= size {
+                    return Err(FsError::NXIO);
+                }
+                if let Some(end) = data_end(idx) {
+                    let start = off.max(idx * cs);
+                    if start < end {
+                        return Ok(start);
+                    }
+                }
             }
         } else {
-            while idx <= last && present(idx) {
-                idx += 1;
+            let mut pos = off;
+            loop {
+                if pos >= size {
+                    return Ok(size);
+                }
+                let idx = pos / cs;
+                match data_end(idx) {
+                    Some(end) if pos < end => {
+                        pos = end;
+                        if end < (idx + 1) * cs {
+                            return Ok(pos.min(size));
+                        }
+                    }
+                    _ => return Ok(pos),
+                }
             }
-            Ok(off.max(idx * cs).min(size))
         }
     }
 
