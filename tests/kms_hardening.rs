@@ -612,3 +612,38 @@ fn key_and_passphrase_files_must_be_private_and_key_files_32_bytes() {
     std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
     ok(&c(&pass), "init with a private passphrase file");
 }
+
+/// A mount daemon locks its memory in RAM (keys never go to swap) when it
+/// may, and says so in its log when it may not.
+#[test]
+fn mount_daemon_locks_its_memory() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &[]);
+    std::fs::write(m.path("f"), b"x").unwrap();
+    let pid = m.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // the daemon gets CAP_IPC_LOCK as root
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if root {
+        assert!(locked_kib > 0, "VmLck is {locked_kib} kB: {status}");
+    } else {
+        assert!(
+            locked_kib > 0 || m.log_text().contains("cannot lock the daemon's memory"),
+            "neither locked nor said why: {}",
+            m.log_text()
+        );
+    }
+    m.unmount();
+}

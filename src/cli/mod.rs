@@ -931,7 +931,9 @@ fn serve(
 /// deletion, material deleted, destroyed) file content is revoked; when
 /// it is usable again, content comes back. Each check re-reads the keystore
 /// with the key derived at mount (no passphrase is kept); re-reading is
-/// also the "keystore access" that carries out due deletions.
+/// also the "keystore access" that carries out due deletions. A keystore
+/// that cannot be re-read (missing, damaged, failing authentication,
+/// re-sealed, older than one seen) revokes content too: it fails closed.
 struct KeyWatcher {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -948,6 +950,14 @@ impl KeyWatcher {
         notifier: fuser::Notifier,
     ) -> Result<KeyWatcher> {
         use std::sync::atomic::{AtomicBool, Ordering};
+        // The daemon keeps the keystore key and every master key for its
+        // whole life: keep them (and cached plaintext) out of swap.
+        match crate::crypto::lock_process_memory() {
+            Ok(()) => log::debug!("memory locked in RAM (mlockall): keys are never swapped out"),
+            Err(e) => log::warn!(
+                "cannot lock the daemon's memory in RAM ({e}): keys and cached file content may be written to swap (use encrypted swap, or none)"
+            ),
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let mp = mountpoint.to_path_buf();

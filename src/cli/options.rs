@@ -221,3 +221,94 @@ mod tests {
         }
     }
 }
+
+/// Property tests: the option parser returns Ok or a named error for any
+/// input, never panics, and never accepts an out-of-range number.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "ro",
+        "rw",
+        "allow_other",
+        "allow_root",
+        "noatime",
+        "nosuid",
+        "nodev",
+        "noexec",
+        "keystore",
+        "key_file",
+        "passphrase_file",
+        "threads",
+        "cache_size",
+        "dirty_size",
+        "commit_interval",
+        "log",
+        "debug",
+        "nonempty",
+        "snapshot",
+        "defaults",
+        "x-foo",
+        "comment",
+        "bogus",
+        "",
+    ];
+
+    fn token() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(KEYS),
+            prop::option::of(prop_oneof![
+                "[0-9]{0,25}",
+                "-?[0-9]{1,5}",
+                ".{0,12}",
+                Just(String::new()),
+            ]),
+        )
+            .prop_map(|(k, v)| match v {
+                Some(v) => format!("{k}={v}"),
+                None => k.to_string(),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_strings_never_panic(s in ".{0,200}") {
+            let mut o = MountOpts::default();
+            let _ = parse_into(&mut o, &s);
+        }
+
+        #[test]
+        fn option_lists_never_panic_and_numbers_stay_in_range(
+            toks in prop::collection::vec(token(), 0..12),
+            sep in prop::sample::select(&[",", ", ", ",,", "=", " "][..]),
+        ) {
+            let list = toks.join(sep);
+            let mut o = MountOpts::default();
+            match parse_into(&mut o, &list) {
+                Ok(()) => {
+                    prop_assert!(o.threads >= 1);
+                    prop_assert!(!(o.allow_other && o.allow_root));
+                }
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+
+        #[test]
+        fn mutated_valid_lists_never_panic(
+            flips in prop::collection::vec((0usize..200, any::<u8>()), 1..8),
+        ) {
+            let mut b = b"ro,allow_other,noatime,keystore=/k,key_file=/kf,threads=8,cache_size=128,nofail".to_vec();
+            for (i, x) in flips {
+                let n = b.len();
+                b[i % n] = x;
+            }
+            let s = String::from_utf8_lossy(&b);
+            let mut o = MountOpts::default();
+            let _ = parse_into(&mut o, &s);
+        }
+    }
+}

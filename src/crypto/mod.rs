@@ -6,7 +6,6 @@
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce};
-use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
@@ -61,11 +60,7 @@ impl Key32 {
 
     /// Derive a purpose-specific sub-key with HKDF-SHA256 (no salt, `label` as info).
     pub fn derive(&self, label: &[u8]) -> Key32 {
-        let hk = Hkdf::<Sha256>::new(None, &self.0);
-        let mut out = [0u8; 32];
-        hk.expand(label, &mut out)
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        Key32(out)
+        hkdf_sha256(None, &self.0, label)
     }
 }
 
@@ -73,6 +68,54 @@ impl std::fmt::Debug for Key32 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Key32(<redacted>)")
     }
+}
+
+/// HKDF-SHA256 (RFC 5869) with a 32-byte output: one HMAC for the
+/// extract step, one for the single expand block. Written out instead of
+/// using `hkdf::Hkdf`, whose pseudorandom key lives in a struct that is
+/// not wiped: here the PRK and the output block are wiped before return.
+/// (The SHA-256 states inside `Hmac` are not wiped by the hash crates.)
+pub fn hkdf_sha256(salt: Option<&[u8]>, ikm: &[u8], info: &[u8]) -> Key32 {
+    // RFC 5869 2.2: a missing salt is HashLen zero bytes
+    let zero = [0u8; 32];
+    let mut ext = <Hmac<Sha256> as Mac>::new_from_slice(salt.unwrap_or(&zero))
+        .expect("HMAC accepts any key length");
+    ext.update(ikm);
+    let mut prk: [u8; 32] = ext.finalize().into_bytes().into();
+    let mut exp = <Hmac<Sha256> as Mac>::new_from_slice(&prk).expect("HMAC accepts any key length");
+    prk.zeroize();
+    exp.update(info);
+    exp.update(&[1u8]);
+    let mut t1: [u8; 32] = exp.finalize().into_bytes().into();
+    let k = Key32(t1);
+    t1.zeroize();
+    k
+}
+
+/// Lock all of this process's memory in RAM, present and future pages as
+/// they are touched (`mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`),
+/// so that keys (and everything else a mount daemon holds, such as cached
+/// plaintext) are never written to swap. Only attempted when it cannot
+/// make later allocations fail: with CAP_IPC_LOCK (root) or an unlimited
+/// locked-memory limit. Returns why it was not done otherwise.
+pub fn lock_process_memory() -> Result<(), String> {
+    use rustix::mm::{mlockall, MlockAllFlags};
+    use rustix::process::{getrlimit, Resource};
+    let cap = rustix::thread::capabilities(None)
+        .map(|c| {
+            c.effective
+                .contains(rustix::thread::CapabilitySet::IPC_LOCK)
+        })
+        .unwrap_or(false);
+    let limit = getrlimit(Resource::Memlock).current;
+    if !cap && limit.is_some() {
+        return Err(format!(
+            "not permitted: no CAP_IPC_LOCK and a locked-memory limit of {} KiB (locking everything could make allocations fail); mount as root or set `ulimit -l unlimited`",
+            limit.unwrap_or(0) / 1024
+        ));
+    }
+    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
+        .map_err(|e| format!("mlockall: {e}"))
 }
 
 /// An AEAD key ready for use (the expanded AES key schedule is kept so
@@ -172,6 +215,7 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hkdf::Hkdf;
 
     #[test]
     fn seal_open_roundtrip_and_tamper() {
@@ -236,6 +280,27 @@ mod tests {
             hex::encode(okm),
             "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
         );
+    }
+
+    #[test]
+    fn hkdf_matches_the_hkdf_crate() {
+        // RFC 5869 A.3 (no salt, no info), first 32 bytes
+        let k = hkdf_sha256(None, &[0x0bu8; 22], b"");
+        assert_eq!(
+            hex::encode(k.as_bytes()),
+            "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d"
+        );
+        for i in 0..50u8 {
+            let ikm: [u8; 32] = random_bytes();
+            let salt = [i; 16];
+            let info = vec![i; i as usize];
+            for salt in [None, Some(&salt[..])] {
+                let hk = Hkdf::<Sha256>::new(salt, &ikm);
+                let mut want = [0u8; 32];
+                hk.expand(&info, &mut want).unwrap();
+                assert_eq!(hkdf_sha256(salt, &ikm, &info).as_bytes(), &want);
+            }
+        }
     }
 
     #[test]

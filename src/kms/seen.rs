@@ -113,6 +113,33 @@ pub fn load(keystore: &Path) -> Result<Option<Seen>, String> {
     Ok(Some(s))
 }
 
+/// Hold an exclusive lock on the state of `keystore` (`<name>.lock` next to
+/// it) while it is read, raised and written, so that concurrent processes
+/// never lower each other's record.
+pub fn lock(keystore: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = state_path(keystore)
+        .map_err(|e| format!("cannot record the keystore revision locally: {e}"))?
+        .with_extension("lock");
+    let dir = p.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).map_err(|e| {
+        format!(
+            "cannot create the keystore state directory {}: {e}",
+            dir.display()
+        )
+    })?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&p)
+        .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| format!("cannot lock {}: {e}", p.display()))?;
+    Ok(f)
+}
+
 /// Write the state of `keystore` durably (temp, fsync, rename, dir fsync).
 pub fn store(keystore: &Path, s: &Seen) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -131,7 +158,7 @@ pub fn store(keystore: &Path, s: &Seen) -> Result<(), String> {
     s.format = 1;
     s.keystore = canonical(keystore).to_string_lossy().into_owned();
     let text = serde_json::to_string(&s).expect("serializable") + "\n";
-    let tmp = p.with_extension("json.tmp");
+    let tmp = p.with_extension(format!("json.{}.tmp", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -21,6 +21,7 @@
 use std::any::Any;
 use std::io;
 
+pub mod fault;
 pub mod local;
 
 pub use local::{sync_dir, write_atomic, LocalDirStore};

@@ -3209,4 +3209,8 @@ fn _assert_send_sync() {
 }
 
 #[cfg(test)]
+mod decoder_props;
+#[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod tests;
