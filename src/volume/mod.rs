@@ -2028,13 +2028,7 @@ impl Volume {
             return self.virt_getattr(ino);
         }
         let st = self.state.lock();
-        match st.inodes.get(&ino) {
-            Some(i) => Ok(self.attr_of(ino, i)),
-            // Removed while the kernel still knows it (an open descriptor
-            // of a file or directory renamed over): its last attributes,
-            // with nlink 0.
-            None => st.gone.peek(&ino).copied().ok_or(FsError::NOENT),
-        }
+        Ok(self.attr_of(ino, st.get(ino)?))
     }
 
     /// Change attributes (chmod, chown, truncate, utimensat).
