@@ -136,6 +136,46 @@ fn crypto_shredding_leaves_no_copy_and_restore_backup_cannot_undo_it() {
     );
     assert_destroyed(&env, &id, "after destruction");
     assert_no_copy(env.dir.path(), &material, "after destruction");
+    // An attacker with the secret opens every keystore-like file of the
+    // directory elsewhere (another machine: no local state, the system
+    // clock): none of them still has the key's material.
+    let elsewhere = tempfile::tempdir().unwrap();
+    for (n, f) in all_files(env.dir.path()).into_iter().enumerate() {
+        let data = std::fs::read(&f).unwrap();
+        if !data.starts_with(b"SEALFSKS") {
+            continue;
+        }
+        let ks = elsewhere.path().join("keystore");
+        std::fs::write(&ks, &data).unwrap();
+        let out = std::process::Command::new(sealfs_bin())
+            .env("SEALFS_KEYSTORE", &ks)
+            .env("SEALFS_KEY_FILE", env.key_file())
+            .env(
+                "SEALFS_STATE_DIR",
+                elsewhere.path().join(format!("state-{n}")),
+            )
+            .env_remove("SEALFS_KMS_NOW")
+            .args(["key", "describe", &id, "--json"])
+            .output()
+            .unwrap();
+        let d: Value =
+            serde_json::from_str(&ok(&out, &format!("describe in {}", f.display()))).unwrap();
+        assert_eq!(
+            d["state"],
+            "Deleted",
+            "{} still holds the key: {d}",
+            f.display()
+        );
+        for v in d["versions"].as_array().unwrap() {
+            assert_eq!(v["material"], "deleted", "{}: {d}", f.display());
+        }
+        for e in std::fs::read_dir(elsewhere.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
 
     // restore-backup (an attacker with the passphrase) cannot bring it back
     ok(&env.sealfs(&["key", "restore-backup"]), "restore-backup");
@@ -233,6 +273,18 @@ fn keystore_clock_only_moves_forward() {
         "audit times go back: {times:?}"
     );
     assert!(*times.last().unwrap() >= t0 + 10 * DAY);
+    // an override that is not a time is refused, not ignored
+    let out = env
+        .cmd()
+        .env("SEALFS_KMS_NOW", "tomorrow")
+        .args(["key", "list"])
+        .output()
+        .unwrap();
+    assert_failed(
+        &out,
+        &["SEALFS_KMS_NOW=tomorrow", "not a number"],
+        "bad override",
+    );
     // the same or a later override is fine
     ok(
         &at(&env, t0 + 10 * DAY, &["key", "list"]),

@@ -2357,10 +2357,18 @@ fn write_file_atomic(path: &Path, data: &[u8], backup: Backup) -> Result<()> {
 
 /// Refuse a `SEALFS_KMS_NOW` earlier than the keystore clock `last`.
 fn check_clock(path: &Path, last: u64) -> Result<()> {
-    if let Some(given) = std::env::var(CLOCK_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
+    let Some(v) = std::env::var_os(CLOCK_ENV) else {
+        return Ok(());
+    };
+    let parsed = v.to_str().and_then(|v| v.trim().parse::<u64>().ok());
+    if parsed.is_none() {
+        return Err(KmsError::Refused(format!(
+            "{CLOCK_ENV}={} is not a number of seconds since the epoch; unset it (it is a test aid) or give seconds, as in {CLOCK_ENV}={}",
+            v.to_string_lossy(),
+            now_secs()
+        )));
+    }
+    if let Some(given) = parsed {
         if given < last {
             return Err(KmsError::ClockBackwards {
                 path: path.to_path_buf(),
