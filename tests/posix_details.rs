@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustix::fs::SeekFrom;
+use rustix::fs::{FallocateFlags, SeekFrom};
 
 const MIB: u64 = 1 << 20;
 
@@ -419,5 +419,109 @@ fn timestamps_never_before_a_clock_reading_taken_before_the_operation() {
         check_kernel("truncate mtime", t0, mtime(&md));
         std::thread::sleep(Duration::from_millis(3));
     }
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// fallocate
+// ---------------------------------------------------------------------------
+
+/// Free bytes for unprivileged use, as statfs(2) on the mount reports.
+fn free_bytes(p: &Path) -> u64 {
+    let s = rustix::fs::statvfs(p).unwrap();
+    s.f_bavail * s.f_frsize
+}
+
+#[test]
+fn fallocate_beyond_free_space_fails_enospc_and_keep_size_keeps_size() {
+    if !require_fuse() {
+        return;
+    }
+    let (env, store, m) = setup(&[]);
+    let p = m.path("big");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    let free = free_bytes(&m.mountpoint);
+    assert!(free > 0);
+    let too_much = free + (1 << 30);
+    for (flags, what) in [
+        (FallocateFlags::empty(), "mode 0"),
+        (FallocateFlags::KEEP_SIZE, "KEEP_SIZE"),
+        (FallocateFlags::ZERO_RANGE, "ZERO_RANGE"),
+    ] {
+        let r = rustix::fs::fallocate(&f, flags, 0, too_much);
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(libc::ENOSPC),
+            "{what} fallocate of {too_much} bytes with {free} free"
+        );
+        assert_eq!(f.metadata().unwrap().len(), 65536, "{what}: size unchanged");
+    }
+    // The part that already holds data does not count: re-allocating the
+    // written 64 KiB always fits.
+    rustix::fs::fallocate(&f, FallocateFlags::empty(), 0, 65536).unwrap();
+    // Punching a hole never needs space.
+    rustix::fs::fallocate(
+        &f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        0,
+        too_much,
+    )
+    .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 65536);
+    drop(f);
+
+    // KEEP_SIZE: writes inside the allocated range do not change the size
+    // unless they go past it; as with xfs_io on ext4.
+    let q = m.path("keep");
+    fs::write(&q, vec![2u8; 65536]).unwrap();
+    let out = xfs_io(
+        &q,
+        &[
+            "falloc -k 0 1m",
+            "pwrite -q 0 4096",
+            "pwrite -q 60000 5536",
+            "fsync",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "xfs_io: {}", stderr(&out));
+    assert_eq!(
+        fs::metadata(&q).unwrap().len(),
+        65536,
+        "writes inside the size"
+    );
+    let out = xfs_io(&q, &["pwrite -q 100000 4000", "fsync"], None);
+    assert!(out.status.success(), "xfs_io: {}", stderr(&out));
+    assert_eq!(
+        fs::metadata(&q).unwrap().len(),
+        104000,
+        "a write past the size"
+    );
+    // Mode 0 within the free space succeeds and sets the size.
+    let r = m.path("ok");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&r)
+        .unwrap();
+    rustix::fs::fallocate(&f, FallocateFlags::empty(), 0, 8 * MIB).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8 * MIB);
+    f.write_all_at(&[3u8; 4096], MIB).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8 * MIB);
+    drop(f);
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(fs::metadata(m.path("keep")).unwrap().len(), 104000);
+    assert_eq!(fs::metadata(m.path("ok")).unwrap().len(), 8 * MIB);
+    assert_eq!(fs::metadata(m.path("big")).unwrap().len(), 65536);
     m.unmount();
 }

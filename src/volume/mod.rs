@@ -2891,10 +2891,27 @@ impl Volume {
         if punch && !keep {
             return Err(FsError::INVAL);
         }
+        // Allocating modes must not promise space that is not there: the
+        // part of the range that holds no data yet has to fit into the free
+        // space of the store's file system (sealfs cannot reserve it there;
+        // see README, Limitations).
+        let free = if punch {
+            None
+        } else {
+            let s =
+                rustix::fs::statvfs(&self.root).map_err(|e| FsError::from(io::Error::from(e)))?;
+            Some(s.f_bavail.saturating_mul(s.f_frsize))
+        };
         let mut st = self.state.lock();
         let size = st.get(ino)?.size;
         if st.get(ino)?.kind != FileKind::File {
             return Err(FsError::NOTSUP);
+        }
+        if let Some(free) = free {
+            let needed = self.unallocated_in(st.get(ino)?, off, end);
+            if needed > free {
+                return Err(FsError::NOSPC);
+            }
         }
         if punch || zero {
             let zend = end.min(size);
@@ -2913,6 +2930,36 @@ impl Volume {
         }
         st.dirty.insert(ino);
         Ok(())
+    }
+
+    /// Bytes of [off, end) of a file that hold no data yet (holes and the
+    /// part past the data of each chunk).
+    fn unallocated_in(&self, i: &Inode, off: u64, end: u64) -> u64 {
+        let InodeData::File(fd) = &i.data else {
+            return 0;
+        };
+        let overlap = |a: u64, b: u64| b.min(end).saturating_sub(a.max(off));
+        let have = if let Some(inl) = &fd.inline {
+            overlap(0, inl.len() as u64)
+        } else {
+            let cs = self.hdr.chunk_size as u64;
+            let first = off / cs;
+            let last = (end - 1) / cs;
+            let idxs: BTreeSet<u64> = fd
+                .chunks
+                .range(first..=last)
+                .map(|(k, _)| *k)
+                .chain(fd.dirty.range(first..=last).map(|(k, _)| *k))
+                .chain(fd.flushing.range(first..=last).map(|(k, _)| *k))
+                .collect();
+            idxs.into_iter()
+                .map(|idx| {
+                    let l = fd.data_len(idx).unwrap_or(0).min(cs);
+                    overlap(idx * cs, idx * cs + l)
+                })
+                .sum()
+        };
+        (end - off).saturating_sub(have)
     }
 
     fn zero_range(&self, st: &mut State, ino: u64, off: u64, end: u64) -> FsResult<()> {
