@@ -525,3 +525,119 @@ fn fallocate_beyond_free_space_fails_enospc_and_keep_size_keeps_size() {
     assert_eq!(fs::metadata(m.path("big")).unwrap().len(), 65536);
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------
+// atime
+// ---------------------------------------------------------------------------
+
+fn atime(p: &Path) -> (i64, i64) {
+    let md = fs::metadata(p).unwrap();
+    (md.atime(), md.atime_nsec())
+}
+
+fn cat(p: &Path) {
+    let out = run_ok(Command::new("cat").arg(p));
+    assert!(!out.stdout.is_empty());
+}
+
+/// A file whose atime (year 2001) is older than its mtime and ctime.
+fn old_atime_file(m: &Mount, name: &str) -> std::path::PathBuf {
+    let p = m.path(name);
+    fs::write(&p, b"some content\n").unwrap();
+    run_ok(
+        Command::new("touch")
+            .args(["-a", "-d", "@1000000000"])
+            .arg(&p),
+    );
+    assert_eq!(atime(&p).0, 1_000_000_000);
+    p
+}
+
+#[test]
+fn atime_relatime_by_default() {
+    if !require_fuse() {
+        return;
+    }
+    let (env, store, m) = setup(&[]);
+    let p = old_atime_file(&m, "f");
+    let t0 = ts(SystemTime::now());
+    cat(&p);
+    let a1 = atime(&p);
+    assert!(
+        a1 >= t0,
+        "relatime: a read of a file with atime older than mtime updates it: {a1:?} < {t0:?}"
+    );
+    // atime is now newer than mtime and ctime: another read leaves it.
+    std::thread::sleep(Duration::from_millis(20));
+    cat(&p);
+    assert_eq!(atime(&p), a1, "relatime: a second read keeps atime");
+    // A change makes the next read update again.
+    fs::write(&p, b"changed\n").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let t1 = ts(SystemTime::now());
+    cat(&p);
+    let a2 = atime(&p);
+    assert!(a2 >= t1, "relatime after a change: {a2:?} < {t1:?}");
+    // Directories: listing one updates its atime the same way.
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/x"), b"x").unwrap();
+    run_ok(
+        Command::new("touch")
+            .args(["-a", "-d", "@1000000000"])
+            .arg(m.path("d")),
+    );
+    let t2 = ts(SystemTime::now());
+    run_ok(Command::new("ls").arg(m.path("d")));
+    assert!(atime(&m.path("d")) >= t2, "relatime on readdir");
+    // It is committed.
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(atime(&m.path("f")), a2, "atime after remount");
+    m.unmount();
+}
+
+#[test]
+fn atime_noatime_and_strictatime() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &["noatime"]);
+    let p = old_atime_file(&m, "f");
+    cat(&p);
+    run_ok(Command::new("ls").arg(&m.mountpoint));
+    assert_eq!(atime(&p).0, 1_000_000_000, "noatime: reads leave atime");
+    m.unmount();
+
+    let m = env.mount(&store, "mnt", &["strictatime"]);
+    let p = m.path("f");
+    assert_eq!(
+        atime(&p).0,
+        1_000_000_000,
+        "noatime kept it through remount"
+    );
+    cat(&p);
+    let a1 = atime(&p);
+    assert!(a1.0 > 1_000_000_000, "strictatime: first read updates");
+    std::thread::sleep(Duration::from_millis(20));
+    let t0 = ts(SystemTime::now());
+    cat(&p);
+    let a2 = atime(&p);
+    assert!(
+        a2 >= t0 && a2 > a1,
+        "strictatime: every read (open) updates: {a1:?} then {a2:?}"
+    );
+    m.unmount();
+
+    // relatime given explicitly (as mount(8) may pass it) is the default
+    let m = env.mount(&store, "mnt", &["relatime"]);
+    let a = atime(&m.path("f"));
+    cat(&m.path("f"));
+    assert_eq!(
+        atime(&m.path("f")),
+        a,
+        "relatime: atime newer than mtime stays"
+    );
+    m.unmount();
+}

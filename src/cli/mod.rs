@@ -860,7 +860,14 @@ fn serve(
         fuser::SessionACL::Owner
     };
     vol.start_background_commits(Duration::from_secs(o.commit_secs));
-    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads);
+    let atime = if o.noatime {
+        crate::volume::AtimeMode::NoAtime
+    } else if o.strictatime {
+        crate::volume::AtimeMode::Strict
+    } else {
+        crate::volume::AtimeMode::Relatime
+    };
+    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads, atime);
     let notifier_slot = fs.notifier_slot();
     let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
     let mut session = session;

@@ -16,7 +16,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::volume::{Attr, FileKind, FsError, SetAttr, SetTime, Timespec, Volume};
+use crate::volume::{AtimeMode, Attr, FileKind, FsError, SetAttr, SetTime, Timespec, Volume};
 
 /// How long the kernel may cache attributes and entries. sealfs is the only
 /// writer of its volume, so long timeouts are safe.
@@ -36,17 +36,21 @@ pub struct SealFs {
     /// have dirty pages in the kernel's writeback cache (close writes them
     /// back).
     writers: Mutex<HashMap<u64, u32>>,
+    /// When reads update atime.
+    atime: AtimeMode,
 }
 
 impl SealFs {
-    /// Wrap an open volume served by `threads` FUSE worker threads.
-    pub fn new(vol: Arc<Volume>, threads: usize) -> Self {
+    /// Wrap an open volume served by `threads` FUSE worker threads, with
+    /// access times kept as `atime` says.
+    pub fn new(vol: Arc<Volume>, threads: usize, atime: AtimeMode) -> Self {
         SealFs {
             writeback_cache: !vol.is_read_only(),
             vol,
             notifier: Arc::new(OnceLock::new()),
             threads,
             writers: Mutex::new(HashMap::new()),
+            atime,
         }
     }
 
@@ -422,7 +426,16 @@ impl Filesystem for SealFs {
         match self.vol.open_file(ino.0) {
             Ok(()) => {
                 self.note_writer(ino.0, flags.0, 1);
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                // Reads from the kernel's page cache do not reach the
+                // daemon: when a read would be due to update atime, drop
+                // the cache on this open so that the first read does.
+                let reads = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
+                let keep = if reads && self.vol.atime_due(ino.0, self.atime) {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                reply.opened(FileHandle(0), keep)
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -461,7 +474,10 @@ impl Filesystem for SealFs {
         reply: ReplyData,
     ) {
         match self.vol.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                self.vol.note_access(ino.0, self.atime);
+                reply.data(&d)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -531,6 +547,7 @@ impl Filesystem for SealFs {
     ) {
         match self.vol.readdir(ino.0) {
             Ok(entries) => {
+                self.vol.note_access(ino.0, self.atime);
                 for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(
                         INodeNo(*child),

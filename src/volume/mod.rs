@@ -13,6 +13,7 @@
 pub mod clone;
 pub mod format;
 pub mod fsck;
+mod ops_atime;
 pub mod snapshot;
 mod state;
 
@@ -33,6 +34,7 @@ use crate::kms::{self, Keystore, KmsError};
 use crate::store::{self, Kind, LocalDirStore, ObjectStore};
 use format::*;
 pub use format::{FileKind, Timespec};
+pub use ops_atime::AtimeMode;
 pub use snapshot::{
     is_virtual, GcReport, SnapshotError, SnapshotInfo, SNAPDIR_INO, SNAPDIR_NAME, XATTR_GC,
     XATTR_SNAPSHOT,
