@@ -515,7 +515,7 @@ fn helper_bad_input_fails_before_mount() {
     let _guard = BgGuard(mp.clone());
     let before = snapshot_store(&store);
     let wrong_key = env.path("wrong.key");
-    std::fs::write(&wrong_key, [0x5au8; 32]).unwrap();
+    write_private(&wrong_key, [0x5au8; 32]);
     let regular = env.path("regular-file");
     std::fs::write(&regular, b"not a directory").unwrap();
     let ko = key_opts(&env);

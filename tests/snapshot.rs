@@ -477,7 +477,7 @@ fn clones_match_byte_for_byte_and_outlive_their_origin() {
     };
     let origin = info(&store);
     assert_eq!(origin["snapshots"], 1);
-    assert_eq!(origin["format_version"], 3);
+    assert_eq!(origin["format_version"], 4);
     assert!(origin["shares_data_of"].is_null());
     assert_eq!(info(&same)["shares_data_of"], origin["volume_id"]);
     assert_eq!(info(&other)["shares_data_of"], origin["volume_id"]);

@@ -636,7 +636,7 @@ pub(crate) fn refuse_if_mounted(store: &Path, doing: &str) -> Result<()> {
         .find(|m| m.source == abs || canon(&m.source) == canon(&abs))
     {
         bail!(
-            "store {} is mounted at {}; unmount it (`sealfs umount {}`) before {doing}",
+            "store {} is in use: it is mounted at {}; unmount it (`sealfs umount {}`) before {doing}",
             abs.display(),
             m.mountpoint.display(),
             m.mountpoint.display()

@@ -110,6 +110,8 @@ struct Armed {
     /// A failing sync loses the data of every non-durable put since the
     /// last sync that succeeded.
     lose: bool,
+    /// Fires on every matching call until disarmed (a full store).
+    always: bool,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +133,21 @@ pub struct FaultControl {
 impl FaultControl {
     /// Fail the `n`th call (1 = the next one) of `op` from now, counting
     /// only calls on objects of `kind` when given, with `errno`.
+    /// Fail every call of `op` (on objects of `kind` when given) with
+    /// `errno` from now until [`FaultControl::disarm`]: a full or failing
+    /// store.
+    pub fn fail_always(&self, op: Op, kind: Option<Kind>, errno: i32) {
+        self.ctl.lock().armed.push(Armed {
+            op,
+            kind,
+            skip: 0,
+            errno,
+            tear: None,
+            lose: false,
+            always: true,
+        });
+    }
+
     pub fn fail(&self, op: Op, kind: Option<Kind>, n: u64, errno: i32) {
         assert!(n >= 1, "n counts from 1");
         self.ctl.lock().armed.push(Armed {
@@ -140,6 +157,7 @@ impl FaultControl {
             errno,
             tear: None,
             lose: false,
+            always: false,
         });
     }
 
@@ -157,6 +175,7 @@ impl FaultControl {
             errno,
             tear: None,
             lose: true,
+            always: false,
         });
     }
 
@@ -173,6 +192,7 @@ impl FaultControl {
             errno,
             tear: Some(keep_permille.min(1000)),
             lose: false,
+            always: false,
         });
     }
 
@@ -249,7 +269,11 @@ impl FaultControl {
             }
             return None;
         };
-        let a = c.armed.remove(hit);
+        let a = if c.armed[hit].always {
+            c.armed[hit].clone()
+        } else {
+            c.armed.remove(hit)
+        };
         c.fired.push(Fired {
             op,
             kind,

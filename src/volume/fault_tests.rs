@@ -605,3 +605,36 @@ fn sync_error_that_drops_unsynced_chunks_loses_nothing_acknowledged() {
         got.map(|g| g.len())
     );
 }
+
+/// A store that refuses every chunk write (full): writes stop being
+/// buffered once the dirty data reaches twice the limit and fail with
+/// ENOSPC, instead of holding everything in memory; once space is back,
+/// writing and fsync work again.
+#[test]
+fn writes_fail_with_enospc_when_the_store_is_full() {
+    let f = Fixture::new();
+    let (v, ctl) = f.open();
+    let a = v
+        .mknod(ROOT_INO, b"a", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    ctl.fail_always(SOp::Put, Some(Kind::Chunk), libc::ENOSPC);
+    let block = pattern(4096, 3);
+    let mut accepted = 0usize;
+    let mut refused = None;
+    for i in 0..2048u64 {
+        match v.write(a.ino, i * 4096, &block) {
+            Ok(n) => accepted += n,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(FsError::NOSPC), "after {accepted} bytes");
+    // the limit is 1 MiB: at most about twice that is held
+    assert!(accepted <= (2 << 20) + 4096, "{accepted} bytes buffered");
+    assert_eq!(v.fsync(a.ino), Err(FsError::NOSPC));
+    ctl.disarm();
+    v.fsync(a.ino).unwrap();
+    assert_eq!(v.read(a.ino, 0, 4096).unwrap(), block);
+}

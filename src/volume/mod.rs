@@ -93,7 +93,13 @@ impl From<io::Error> for FsError {
         match e.raw_os_error() {
             Some(libc::ENOSPC) => FsError::NOSPC,
             Some(libc::EDQUOT) => FsError(libc::EDQUOT),
-            _ => FsError::IO,
+            Some(_) => FsError::IO,
+            // (errors re-made with a message keep their kind, not the errno)
+            None => match e.kind() {
+                io::ErrorKind::StorageFull => FsError::NOSPC,
+                io::ErrorKind::QuotaExceeded => FsError(libc::EDQUOT),
+                _ => FsError::IO,
+            },
         }
     }
 }
@@ -401,6 +407,22 @@ pub struct VolumeInfo {
 type Pinned = std::collections::HashMap<u64, Arc<Vec<u8>>>;
 
 /// One chunk being encrypted and written outside the state lock.
+/// See [`Volume::sync_chunks`].
+#[derive(Default)]
+struct Unsynced {
+    objs: Vec<(String, Vec<u8>)>,
+    bytes: usize,
+    /// A sync failed since these were written: write them again first.
+    lost: bool,
+    /// More than [`UNSYNCED_MAX`] was written since the last good sync:
+    /// `objs` is incomplete.
+    overflowed: bool,
+}
+
+/// Chunk bytes written since the last good sync that are kept, sealed, in
+/// memory, to be written again if the next sync fails.
+const UNSYNCED_MAX: usize = 16 << 20;
+
 struct FlushJob {
     ino: u64,
     idx: u64,
@@ -440,6 +462,9 @@ pub struct Volume {
     lock: Box<dyn store::WriterLock>,
     /// The writer lease was lost (taken over): nothing more is written.
     lease_lost: AtomicBool,
+    /// Chunk objects written since the last good sync (see
+    /// [`Volume::sync_chunks`]).
+    unsynced: Mutex<Unsynced>,
     read_only: bool,
     dirty_limit: usize,
     state_file: Option<PathBuf>,
@@ -1055,12 +1080,10 @@ impl Volume {
                     })?;
                 let id: [u8; 16] = crypto::random_bytes();
                 let obj = seal_chunk(&keys.cur.1, &sid, &id, keys.cur.0, &plain);
-                self.store
-                    .put(Kind::Chunk, &hex::encode(id), &obj, false)
-                    .map_err(|e| {
-                        log::error!("re-key: writing a chunk failed: {e}");
-                        FsError::from(e)
-                    })?;
+                self.put_chunk(&hex::encode(id), obj).map_err(|e| {
+                    log::error!("re-key: writing a chunk failed: {e}");
+                    FsError::from(e)
+                })?;
                 let mut st = self.state.lock();
                 let epoch = st.seq + 1;
                 let mut swapped = false;
@@ -1299,6 +1322,7 @@ impl Volume {
             )),
             lock,
             lease_lost: AtomicBool::new(false),
+            unsynced: Mutex::new(Unsynced::default()),
             read_only: opts.read_only || snapshot_view,
             dirty_limit: opts.dirty_bytes.max(1 << 20),
             state_file,
@@ -1537,6 +1561,9 @@ impl Volume {
                         return;
                     }
                     since_renew += step;
+                    if let Some(v) = weak.upgrade() {
+                        v.drop_uncommitted();
+                    }
                     if since_renew >= LEASE_RENEW {
                         since_renew = Duration::ZERO;
                         let Some(v) = weak.upgrade() else { return };
@@ -1554,6 +1581,103 @@ impl Volume {
                 }
             })
             .expect("spawn commit thread");
+    }
+
+    /// Delete the chunk objects of removed files that no commit references
+    /// (see `State::uncommitted_free`). Only when no commit is in flight:
+    /// one may be writing a record that references them.
+    pub fn drop_uncommitted(&self) {
+        let Some(_c) = self.commit_lock.try_lock() else {
+            return;
+        };
+        let ids: Vec<[u8; 16]> = {
+            let mut st = self.state.lock();
+            if st.uncommitted_free.is_empty() {
+                return;
+            }
+            let seq = st.seq;
+            let all = std::mem::take(&mut st.uncommitted_free);
+            let (now, committed): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, e)| *e > seq);
+            st.pending_free
+                .extend(committed.into_iter().map(|(id, _)| id));
+            now.into_iter().map(|(id, _)| id).collect()
+        };
+        for id in ids {
+            let _ = self.store.delete(Kind::Chunk, &hex::encode(id));
+        }
+    }
+
+    /// Write a chunk object (non-durable; see [`Volume::sync_chunks`]).
+    fn put_chunk(&self, name: &str, obj: Vec<u8>) -> io::Result<()> {
+        self.store.put(Kind::Chunk, name, &obj, false)?;
+        let mut u = self.unsynced.lock();
+        if u.bytes + obj.len() > UNSYNCED_MAX {
+            // too much to keep: a failing sync before the next good one
+            // cannot be recovered from (see sync_chunks)
+            u.overflowed = true;
+            u.objs = Vec::new();
+            u.bytes = 0;
+        } else if !u.overflowed {
+            u.bytes += obj.len();
+            u.objs.push((name.to_string(), obj));
+        }
+        Ok(())
+    }
+
+    /// Make every chunk object written so far durable. A file system that
+    /// reports a write-back error may already have dropped data it could
+    /// not write (Linux marks such pages clean): after a failed sync, the
+    /// objects written since the last good one are written again before
+    /// the next sync, so that no commit acknowledges a chunk the store
+    /// lost.
+    ///
+    /// At most [`UNSYNCED_MAX`] bytes are kept for this; when more was
+    /// written between two syncs and the second fails, nothing can be
+    /// trusted to be in the store: every later commit fails with EIO until
+    /// the volume is mounted again (it then opens at the last good
+    /// commit), as databases do after a failed fsync.
+    fn sync_chunks(&self) -> io::Result<()> {
+        let (objs, lost, overflowed) = {
+            let mut u = self.unsynced.lock();
+            u.bytes = 0;
+            (std::mem::take(&mut u.objs), u.lost, u.overflowed)
+        };
+        if lost && overflowed {
+            return Err(io::Error::other(
+                "an earlier write-back error lost chunks that cannot be written again; unmount and mount the volume again (it opens at its last good commit)",
+            ));
+        }
+        let give_back = |objs: Vec<(String, Vec<u8>)>| {
+            let mut u = self.unsynced.lock();
+            u.lost = true;
+            u.bytes += objs.iter().map(|(_, o)| o.len()).sum::<usize>();
+            let newer = std::mem::replace(&mut u.objs, objs);
+            u.objs.extend(newer);
+        };
+        if lost {
+            for (n, o) in &objs {
+                if let Err(e) = self.store.put(Kind::Chunk, n, o, false) {
+                    give_back(objs);
+                    return Err(e);
+                }
+            }
+        }
+        match self.store.sync() {
+            Ok(()) => {
+                let mut u = self.unsynced.lock();
+                u.lost = false;
+                u.overflowed = false;
+                Ok(())
+            }
+            Err(e) => {
+                log::error!(
+                    "{}: the store's file system reported a write error ({e}); the chunks written since the last good sync will be written again",
+                    self.root.display()
+                );
+                give_back(objs);
+                Err(e)
+            }
+        }
     }
 
     /// Renew the writer lease; when it was lost, stop writing (the volume
@@ -1689,13 +1813,19 @@ impl Volume {
         }
         let saved_dirty = std::mem::take(&mut st.dirty);
         let saved_deleted = std::mem::take(&mut st.deleted);
-        let frees = std::mem::take(&mut st.pending_free);
+        let mut frees = std::mem::take(&mut st.pending_free);
+        // (chunks of files removed before this capture are in no record
+        // this one follows, nor in this one: freed after it)
+        frees.extend(
+            std::mem::take(&mut st.uncommitted_free)
+                .into_iter()
+                .map(|(id, _)| id),
+        );
         drop(st);
 
         // 2. Make chunks durable, then the record.
         let res = self
-            .store
-            .sync()
+            .sync_chunks()
             .and_then(|_| self.store.put(Kind::Meta, &name, &obj, true));
         let mut st = self.state.lock();
         if let Err(e) = res {
@@ -1726,6 +1856,14 @@ impl Volume {
             st.journal_bytes_since_ckpt += obj.len() as u64;
         }
         let tag = st.last_tag;
+        // removed chunks this commit's record may reference are now
+        // committed: they are freed after the next commit, as usual
+        let (still, now_committed): (Vec<_>, Vec<_>) = std::mem::take(&mut st.uncommitted_free)
+            .into_iter()
+            .partition(|(_, e)| *e > seq);
+        st.uncommitted_free = still;
+        st.pending_free
+            .extend(now_committed.into_iter().map(|(id, _)| id));
         st.history.push_back((seq, tag));
         while st.history.len() > format::HISTORY_MAX {
             st.history.pop_front();
@@ -1825,7 +1963,7 @@ impl Volume {
             };
             let id: [u8; 16] = crypto::random_bytes();
             let obj = seal_chunk(&keys.cur.1, &self.hdr.data_id, &id, keys.cur.0, &buf);
-            if let Err(e) = self.store.put(Kind::Chunk, &hex::encode(id), &obj, false) {
+            if let Err(e) = self.put_chunk(&hex::encode(id), obj) {
                 log::error!("writing a chunk to {} failed: {e}", self.root.display());
                 result = Err(FsError::from(e));
                 remaining.insert(idx, buf);
@@ -1926,7 +2064,7 @@ impl Volume {
                     continue;
                 };
                 let obj = seal_chunk(&keys.cur.1, &self.hdr.data_id, &j.id, keys.cur.0, &j.data);
-                j.result = self.store.put(Kind::Chunk, &hex::encode(j.id), &obj, false);
+                j.result = self.put_chunk(&hex::encode(j.id), obj);
             }
         };
         let threads = std::thread::available_parallelism()
@@ -1945,6 +2083,7 @@ impl Volume {
         }
         let mut st = self.state.lock();
         let mut cache = Vec::new();
+        let mut flush_error = None;
         for j in jobs {
             st.inflight -= 1;
             let freed;
@@ -1966,7 +2105,11 @@ impl Volume {
                             cache.push((j.id, j.data.clone()));
                         }
                         Err(e) => {
-                            log::error!("writing a chunk to {} failed: {e}", self.root.display());
+                            flush_error = Some(FsError::from(
+                                e.raw_os_error()
+                                    .map(io::Error::from_raw_os_error)
+                                    .unwrap_or_else(|| io::Error::from(e.kind())),
+                            ));
                             // keep the data dirty; the next commit retries
                             if let std::collections::btree_map::Entry::Vacant(e) =
                                 fd.dirty.entry(j.idx)
@@ -1991,6 +2134,7 @@ impl Volume {
             }
             st.pending_free.extend(freed);
         }
+        st.flush_error = flush_error;
         if !cache.is_empty() {
             let mut c = self.cache.lock();
             for (id, d) in cache {
@@ -2306,7 +2450,14 @@ impl Volume {
             if let InodeData::File(fd) = i.data {
                 let dirty: usize = fd.dirty.values().map(|b| b.len()).sum();
                 st.dirty_bytes = st.dirty_bytes.saturating_sub(dirty);
-                st.pending_free.extend(fd.chunks.values().map(|c| c.id));
+                let seq = st.seq;
+                for c in fd.chunks.values() {
+                    if c.epoch > seq {
+                        st.uncommitted_free.push((c.id, c.epoch));
+                    } else {
+                        st.pending_free.push(c.id);
+                    }
+                }
             }
         }
         st.dirty.remove(&ino);
@@ -2691,6 +2842,19 @@ impl Volume {
             return Err(FsError::FBIG);
         }
         let mut st = self.state.lock();
+        if st.dirty_bytes >= self.dirty_limit.saturating_mul(2) && st.flush_error.is_some() {
+            // The store refused the last chunk writes (full, or failing)
+            // and written data piles up in memory: try once more, then
+            // refuse instead of buffering without bound.
+            drop(st);
+            self.drop_uncommitted();
+            st = self.maybe_flush(self.state.lock());
+            if st.dirty_bytes >= self.dirty_limit.saturating_mul(2) {
+                if let Some(e) = st.flush_error {
+                    return Err(e);
+                }
+            }
+        }
         let ended = self.write_locked(&mut st, ino, off, data)?;
         let now = Timespec::now();
         let i = st.get_mut(ino)?;

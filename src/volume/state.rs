@@ -332,6 +332,10 @@ pub(crate) struct State {
     pub deleted: BTreeSet<u64>,
     /// Chunk objects to delete after the next commit.
     pub pending_free: Vec<[u8; 16]>,
+    /// Chunk objects (id, epoch) of removed files that no commit has
+    /// referenced yet (epoch > seq): deleted right away when no commit is
+    /// in flight, so that deleting files frees space on a full store.
+    pub uncommitted_free: Vec<([u8; 16], u64)>,
     /// Open handles per inode.
     pub opens: HashMap<u64, u32>,
     /// Bytes held in dirty chunk buffers.
@@ -342,6 +346,10 @@ pub(crate) struct State {
     pub next_token: u64,
     /// A commit is waiting for in-flight flushes: start no new ones.
     pub commit_waiting: bool,
+    /// The last chunk flush failed with this (the store is full, or
+    /// failing): writes stop being buffered once dirty data reaches twice
+    /// the limit.
+    pub flush_error: Option<super::FsError>,
     /// Last attributes of inodes removed (unlinked and closed), which the
     /// kernel may still hold and write back times for (syncfs, writeback
     /// cache). Inode numbers are never reused; bounded.
@@ -367,11 +375,13 @@ impl State {
             deleted: BTreeSet::new(),
             gone: lru::LruCache::new(std::num::NonZeroUsize::new(GONE_MAX).expect("non-zero")),
             pending_free: Vec::new(),
+            uncommitted_free: Vec::new(),
             opens: HashMap::new(),
             dirty_bytes: 0,
             inflight: 0,
             next_token: 1,
             commit_waiting: false,
+            flush_error: None,
         }
     }
 
