@@ -641,3 +641,136 @@ fn atime_noatime_and_strictatime() {
     );
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------
+// remount,ro / remount,rw
+// ---------------------------------------------------------------------------
+
+fn touch_errno(p: &Path) -> Option<i32> {
+    match fs::write(p, b"x") {
+        Ok(()) => None,
+        Err(e) => e.raw_os_error(),
+    }
+}
+
+#[test]
+fn remount_ro_commits_and_rw_writes_again() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    // No background commit within the test: only the remount commits.
+    let m = env.mount(&store, "mnt", &["commit_interval=3600"]);
+    let remount = |how: &str| {
+        env.sealfs(&[
+            "mount",
+            "-o",
+            how,
+            store.to_str().unwrap(),
+            m.mountpoint.to_str().unwrap(),
+        ])
+    };
+    fs::write(m.path("a"), vec![0xa5u8; 300_000]).unwrap();
+    // A file open for writing keeps the mount from turning read-only.
+    let busy = OpenOptions::new().write(true).open(m.path("a")).unwrap();
+    let out = remount("remount,ro");
+    assert_failed(
+        &out,
+        &["read-only", "open for writing"],
+        "remount,ro while busy",
+    );
+    drop(busy);
+
+    let out = remount("remount,ro");
+    assert!(out.status.success(), "remount,ro: {}", stderr(&out));
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(m.mountpoint.to_str().unwrap()))
+        .unwrap();
+    assert!(
+        line.split(' ')
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "mountinfo after remount,ro: {line}"
+    );
+    assert_eq!(touch_errno(&m.path("new")), Some(libc::EROFS));
+    assert_eq!(touch_errno(&m.path("a")), Some(libc::EROFS));
+    assert_eq!(fs::read(m.path("a")).unwrap().len(), 300_000);
+
+    let out = remount("remount,rw");
+    assert!(out.status.success(), "remount,rw: {}", stderr(&out));
+    fs::write(m.path("b"), b"written after remount,rw").unwrap();
+    let out = remount("remount,ro");
+    assert!(out.status.success(), "second remount,ro: {}", stderr(&out));
+    // Both writes were committed by going read-only: they survive the
+    // daemon's death.
+    m.kill9();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(fs::read(m.path("a")).unwrap(), vec![0xa5u8; 300_000]);
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"written after remount,rw");
+    m.unmount();
+
+    // A volume mounted read-only cannot be remounted read-write.
+    let m = env.mount(&store, "mnt", &["ro"]);
+    let out = env.sealfs(&[
+        "mount",
+        "-o",
+        "remount,rw",
+        store.to_str().unwrap(),
+        m.mountpoint.to_str().unwrap(),
+    ]);
+    assert_failed(
+        &out,
+        &["mounted read-only", "mount it again"],
+        "remount,rw of ro",
+    );
+    assert_eq!(touch_errno(&m.path("c")), Some(libc::EROFS));
+    m.unmount();
+}
+
+/// Needs the helper installed (`scripts/install.sh`, which scripts/test.sh
+/// runs first): mount(8) runs /sbin/mount.fuse.sealfs for a remount.
+#[test]
+fn remount_through_mount8_and_the_helper() {
+    if !require_fuse() {
+        return;
+    }
+    assert!(
+        Path::new("/sbin/mount.fuse.sealfs").exists(),
+        "/sbin/mount.fuse.sealfs is missing: run scripts/install.sh"
+    );
+    let env = Env::new();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &["commit_interval=3600"]);
+    fs::write(m.path("a"), b"before remount").unwrap();
+    // mount(8) looks the source up in the mount table and runs the helper
+    // with the daemon's environment missing: remount needs neither keys
+    // nor a keystore.
+    let out = run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&m.mountpoint),
+    );
+    let _ = out;
+    assert_eq!(touch_errno(&m.path("x")), Some(libc::EROFS));
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,rw"])
+            .arg(&m.mountpoint),
+    );
+    fs::write(m.path("b"), b"after").unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&m.mountpoint),
+    );
+    m.kill9();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(fs::read(m.path("a")).unwrap(), b"before remount");
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"after");
+    m.unmount();
+}
