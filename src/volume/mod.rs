@@ -1269,6 +1269,13 @@ impl Volume {
                 "{}: --accept-rollback: accepting the store at commit {seq} although {e}",
                 root.display()
             );
+            if let Err(ae) = ks.audit_volume_event(
+                "AcceptRollback",
+                &volume_id_hex(&hdr.store_id),
+                format!("accepted the store {} at commit {seq}: {e}", root.display()),
+            ) {
+                return Err(OpenError::Kms(ae));
+            }
         }
         let state_file = Some(sf);
         // A snapshot mount shows the snapshot's tree instead (after the
