@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages sealfs needs (idempotent; a second run is instant).
 #
-#   scripts/deps.sh           fuse3 (fusermount3, mount.fuse3), attr (getfattr/setfattr), pkg-config
+#   scripts/deps.sh           fuse3 (fusermount3, mount.fuse3), attr (getfattr/setfattr), pkg-config,
+#                             xfsprogs (xfs_io), acl (setfacl/getfacl), libcap2-bin (setcap) for the POSIX tests
 #   scripts/deps.sh --bench   additionally gocryptfs, fio, xz-utils and the newest linux-source-X.Y
 #                             (whose tarball lands in /usr/src/linux-source-X.Y.tar.xz)
 #
@@ -29,7 +30,7 @@ pkg_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
 }
 
-PACKAGES=(fuse3 attr pkg-config)
+PACKAGES=(fuse3 attr pkg-config xfsprogs acl libcap2-bin)
 if [ "$BENCH" -eq 1 ]; then
     PACKAGES+=(gocryptfs fio xz-utils)
 fi
@@ -82,7 +83,7 @@ if [ "$BENCH" -eq 1 ]; then
     log "kernel source tarball: $tarball"
 fi
 
-for tool in fusermount3 getfattr setfattr pkg-config; do
+for tool in fusermount3 getfattr setfattr pkg-config xfs_io setfacl setcap; do
     command -v "$tool" >/dev/null || die "$tool not found on PATH even though its package is installed"
 done
 
