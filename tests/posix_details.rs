@@ -774,3 +774,74 @@ fn remount_through_mount8_and_the_helper() {
     assert_eq!(fs::read(m.path("b")).unwrap(), b"after");
     m.unmount();
 }
+
+/// While a mount is remounted read-only, reads change nothing: atime stays
+/// (also after the daemon's final commit), the store is not written, and
+/// `sealfs status` shows the mount read-only.
+#[test]
+fn remount_ro_reads_commit_nothing_and_status_shows_it() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    // Background commits every second: a changed atime would be committed.
+    let m = env.mount(&store, "mnt", &["commit_interval=1"]);
+    let p = old_atime_file(&m, "f");
+    let remount = |how: &str| {
+        let out = env.sealfs(&[
+            "mount",
+            "-o",
+            how,
+            store.to_str().unwrap(),
+            m.mountpoint.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{how}: {}", stderr(&out));
+    };
+    remount("remount,ro");
+    let e = status_entry(&env, &m.mountpoint).expect("mount listed in status");
+    assert_eq!(e["read_only"], serde_json::json!(true), "status: {e}");
+    let human = stdout(&env.sealfs(&["status"]));
+    assert!(human.contains("live, read-only"), "status: {human}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = snapshot_store(&store);
+    // relatime: atime (2001) is older than mtime, so a read-write mount
+    // would update it on this read.
+    cat(&p);
+    fs::read_dir(&m.mountpoint).unwrap().for_each(drop);
+    assert_eq!(atime(&p).0, 1_000_000_000, "atime changed on a ro mount");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        snapshot_store(&store) == before,
+        "the store was written while the mount was read-only"
+    );
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(atime(&m.path("f")).0, 1_000_000_000);
+    // Back to read-write, reads update atime again.
+    let m2 = m;
+    let out = env.sealfs(&[
+        "mount",
+        "-o",
+        "remount,ro",
+        store.to_str().unwrap(),
+        m2.mountpoint.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.sealfs(&[
+        "mount",
+        "-o",
+        "remount,rw",
+        store.to_str().unwrap(),
+        m2.mountpoint.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = status_entry(&env, &m2.mountpoint).expect("mount listed in status");
+    assert_eq!(e["read_only"], serde_json::json!(false), "status: {e}");
+    cat(&m2.path("f"));
+    assert!(
+        atime(&m2.path("f")).0 > 1_000_000_000,
+        "rw read keeps atime"
+    );
+    m2.unmount();
+}

@@ -878,7 +878,7 @@ fn serve(
     } else {
         crate::volume::AtimeMode::Relatime
     };
-    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads, atime);
+    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads, atime).with_mountpoint(mountpoint);
     let notifier_slot = fs.notifier_slot();
     let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
     let mut session = session;
