@@ -451,7 +451,7 @@ impl Filesystem for SealFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -461,12 +461,14 @@ impl Filesystem for SealFs {
     ) {
         reply_empty(
             reply,
-            self.vol.rename(
+            self.vol.rename_as(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
                 flags.bits(),
+                req.uid(),
+                req.gid(),
             ),
         )
     }
