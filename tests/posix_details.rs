@@ -1065,3 +1065,41 @@ fn o_tmpfile_fails_with_eopnotsupp() {
     assert_eq!(fs::read_dir(&m.mountpoint).unwrap().count(), 0);
     m.unmount();
 }
+
+// umount(8) then mount at once
+// ---------------------------------------------------------------------------
+
+/// umount(8) returns before the daemon's final commit; a mount of the same
+/// store right after waits for it without a warning, and sees everything.
+#[test]
+fn umount_then_mount_at_once_is_quiet_and_keeps_data() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    let mut worst = Duration::ZERO;
+    for round in 0..3u8 {
+        // nothing is committed before the unmount
+        let mut m = env.mount(&store, "mnt", &["commit_interval=3600"]);
+        let data: Vec<u8> = (0..48 * MIB as usize)
+            .map(|i| (i as u8) ^ round.wrapping_mul(31))
+            .collect();
+        fs::write(m.path("big"), &data).unwrap();
+        let mut old = m.child.take().unwrap();
+        run_ok(Command::new("umount").arg(&m.mountpoint));
+        let gone = std::time::Instant::now();
+        let m2 = env.mount(&store, "mnt", &[]);
+        let st = old.wait().unwrap();
+        assert!(st.success(), "old daemon: {st}: {}", m.log_text());
+        worst = worst.max(gone.elapsed());
+        let log = m2.log_text();
+        assert!(
+            !log.contains("still locked") && !log.contains("WARN"),
+            "the mount right after umount printed: {log}"
+        );
+        assert!(fs::read(m2.path("big")).unwrap() == data, "round {round}");
+        m2.unmount();
+    }
+    eprintln!("umount(8) to final commit: at most {worst:?}");
+}
