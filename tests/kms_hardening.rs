@@ -331,8 +331,8 @@ fn keystore_format_2_fixture_opens() {
     assert!(v.as_array().unwrap().len() >= 2, "{v}");
     assert_eq!(
         &std::fs::read(&ks).unwrap()[8..10],
-        &[3, 0],
-        "upgraded to version 3"
+        &[4, 0],
+        "upgraded to version 4"
     );
     ok(
         &run(&["key", "audit", "--verify"]),
