@@ -398,12 +398,12 @@ fn older_keystore_copy_is_refused_until_accepted() {
     );
     // a damaged local state refuses, and accept-keystore repairs it
     let state = env.path("state/keystores");
+    // (the record, not its lock file)
     let f = std::fs::read_dir(&state)
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a keystore record");
     std::fs::write(&f, b"garbage").unwrap();
     assert_failed(
         &env.sealfs(&["key", "list"]),

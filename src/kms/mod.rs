@@ -1381,6 +1381,21 @@ impl Keystore {
 
     /// Audit a read-only operation (wrap/unwrap/describe): the keystore
     /// file is not rewritten.
+    /// Record in the audit log a decision about a volume that weakens a
+    /// check (`--accept-rollback`): `op` names it, `detail` says what.
+    pub fn audit_volume_event(&self, op: &str, volume_id: &str, detail: String) -> Result<()> {
+        let ctx = volume_context(volume_id, "metadata");
+        self.audit_read(
+            Rec {
+                op,
+                key: None,
+                ctx: Some(&ctx),
+            },
+            "ok",
+            Some(detail),
+        )
+    }
+
     fn audit_read(&self, r: Rec<'_>, result: &str, detail: Option<String>) -> Result<()> {
         self.append_audit(&r, result, detail).map(|_| ())
     }

@@ -295,7 +295,12 @@ impl LocalDirStore {
                     Err(_) => None,
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // (recycling is an optimisation: without it, chunks are
+                // created and unlinked)
+                log::warn!("{e}; not reusing deleted chunk files");
+                None
+            }
         };
         let mut recycle = Recycle::default();
         if let Some(rfd) = &recycle_fd {
@@ -304,8 +309,10 @@ impl LocalDirStore {
                     continue;
                 }
                 if let Some(k) = name.strip_prefix('r').and_then(|n| n.parse::<u64>().ok()) {
-                    recycle.next = recycle.next.max(k + 1);
-                    recycle.free.push(name);
+                    recycle.next = recycle.next.max(k.saturating_add(1));
+                    if recycle.free.len() < RECYCLE_MAX {
+                        recycle.free.push(name);
+                    }
                 }
             }
         }
@@ -661,7 +668,7 @@ impl ObjectStore for LocalDirStore {
                 let mut r = self.recycle.lock();
                 if r.free.len() < RECYCLE_MAX {
                     let to = format!("r{}", r.next);
-                    r.next += 1;
+                    r.next = r.next.saturating_add(1);
                     match rfs::renameat(dir.fd(), name, rfd, to.as_str()) {
                         Ok(()) => {
                             // Only a single-link regular file is kept for

@@ -136,17 +136,31 @@ impl Holder {
         self.host_id == other.host_id && self.boot_id == other.boot_id
     }
 
-    /// For messages: `"mount /mnt/x" (pid 123 on host h, since ...)`.
+    /// For messages: `"mount /mnt/x" (pid 123 on host h, since ...)`. A
+    /// lease read from a store is hostile input: its strings are shown
+    /// escaped and cut short, never as raw terminal text.
     pub fn describe(&self) -> String {
         let ago = unix_now().saturating_sub(self.renewed);
+        let clean = |s: &str| -> String {
+            let s: String = s.chars().take(200).collect();
+            s.chars()
+                .flat_map(|c| {
+                    if c.is_control() {
+                        c.escape_default().collect::<Vec<_>>()
+                    } else {
+                        vec![c]
+                    }
+                })
+                .collect()
+        };
         format!(
-            "{:?} (pid {} on host {}, lease renewed {ago} s ago)",
-            self.what,
+            "\"{}\" (pid {} on host {}, lease renewed {ago} s ago)",
+            clean(&self.what),
             self.pid,
             if self.hostname.is_empty() {
-                "?"
+                "?".to_string()
             } else {
-                &self.hostname
+                clean(&self.hostname)
             }
         )
     }
@@ -207,10 +221,10 @@ pub fn judge_lease(
         return Ok(());
     }
     Err(LockError::Foreign(format!(
-        "{location} is in use by {} on another machine (host id {}); if that machine is down or no longer uses the store, run again with --force-unlock. \
+        "{location} is in use by {} on another machine (host id {:?}); if that machine is down or no longer uses the store, run again with --force-unlock. \
          If it is still writing, forcing forks the volume's history and loses what one of the two writes",
         found.describe(),
-        found.host_id
+        found.host_id.chars().take(64).collect::<String>()
     )))
 }
 

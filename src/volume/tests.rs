@@ -357,6 +357,9 @@ fn rollback_is_detected() {
         .unwrap()
         .close()
         .unwrap();
+    // and it is in the audit log
+    let log = std::fs::read_to_string(f.dir.path().join("ks.audit")).unwrap();
+    assert!(log.contains("AcceptRollback"), "{log}");
     Volume::open(&f.store(), &f.ks, &f.opts())
         .unwrap()
         .close()
@@ -1222,4 +1225,17 @@ fn rekey_does_not_trust_a_forged_generation() {
     }
     let v = f.open();
     assert_eq!(v.rekey_content(&mut |_, _| {}).unwrap_err(), FsError::IO);
+}
+
+proptest! {
+    /// The local record of the last commit seen: any text is an answer or
+    /// an error, never a panic; what `encode_seen` writes reads back.
+    #[test]
+    fn seen_state_decoder_never_panics(text in ".{0,300}", seq in any::<u64>(), tag in any::<[u8; 16]>()) {
+        let _ = decode_seen(&text);
+        prop_assert_eq!(decode_seen(&encode_seen(seq, &tag)), Ok((seq, Some(tag))));
+        let mut t = encode_seen(seq, &tag);
+        t.push_str(&text);
+        let _ = decode_seen(&t);
+    }
 }
