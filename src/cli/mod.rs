@@ -6,6 +6,7 @@ pub mod key;
 mod keystore_cmd;
 pub mod logging;
 pub mod options;
+mod remount;
 mod snapshot;
 pub mod status;
 
@@ -118,6 +119,7 @@ pub enum Cmd {
     /// Mount a volume; returns once the mount is live (-f stays in front)
     ///
     /// Options (-o, comma-separated): ro, rw, allow_other, allow_root,
+    /// remount (with ro/rw: switch a live mount), relatime, strictatime,
     /// noatime, nosuid, nodev, noexec, nonempty, keystore=PATH,
     /// key_file=PATH, passphrase_file=PATH,
     /// threads=N (request threads, default: CPU count, at least 4),
@@ -365,6 +367,15 @@ fn run(cli: Cli) -> Result<()> {
             daemon_child,
             fake,
         } => {
+            if remount::requested(&options) {
+                // `mount -o remount,ro|rw`: store and other options are
+                // only what mount(8) passes along.
+                let _ = store;
+                if fake {
+                    return Ok(());
+                }
+                return remount::run(&mountpoint, &options);
+            }
             if let Some(s) = snapshot {
                 options.push(format!("snapshot={s}"));
             }
@@ -865,9 +876,18 @@ fn serve(
         fuser::SessionACL::Owner
     };
     vol.start_background_commits(Duration::from_secs(o.commit_secs));
-    let fs = crate::fuse::SealFs::new(vol.clone());
+    let atime = if o.noatime {
+        crate::volume::AtimeMode::NoAtime
+    } else if o.strictatime {
+        crate::volume::AtimeMode::Strict
+    } else {
+        crate::volume::AtimeMode::Relatime
+    };
+    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads, atime);
+    let notifier_slot = fs.notifier_slot();
     let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
     let mut session = session;
+    let _ = notifier_slot.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     let watcher = KeyWatcher::start(vol.clone(), ks, mountpoint, session.notifier())?;
     // SIGTERM / SIGINT / SIGHUP: unmount cleanly; the session then ends and

@@ -12,6 +12,9 @@ pub struct MountOpts {
     pub allow_other: bool,
     pub allow_root: bool,
     pub noatime: bool,
+    /// `strictatime`: every read the daemon serves updates atime (the
+    /// default is `relatime`).
+    pub strictatime: bool,
     pub nosuid: bool,
     pub nodev: bool,
     pub noexec: bool,
@@ -36,6 +39,7 @@ impl Default for MountOpts {
             allow_other: false,
             allow_root: false,
             noatime: false,
+            strictatime: false,
             nosuid: false,
             nodev: false,
             noexec: false,
@@ -73,14 +77,11 @@ fn is_generic(o: &str) -> bool {
             | "group"
             | "default_permissions"
             | "async"
-            | "relatime"
-            | "strictatime"
             | "lazytime"
             | "nolazytime"
             | "exec"
             | "suid"
             | "dev"
-            | "atime"
     ) || o.starts_with("x-")
         || o.starts_with("comment=")
 }
@@ -131,9 +132,21 @@ pub fn parse_into(opts: &mut MountOpts, list: &str) -> Result<(), String> {
                 flag(v)?;
                 opts.allow_root = true
             }
+            // The last of noatime, strictatime, relatime, atime wins.
             "noatime" => {
                 flag(v)?;
-                opts.noatime = true
+                opts.noatime = true;
+                opts.strictatime = false
+            }
+            "strictatime" => {
+                flag(v)?;
+                opts.noatime = false;
+                opts.strictatime = true
+            }
+            "relatime" | "atime" => {
+                flag(v)?;
+                opts.noatime = false;
+                opts.strictatime = false
             }
             "nosuid" => {
                 flag(v)?;
@@ -203,6 +216,20 @@ mod tests {
         assert_eq!(o.key_file, Some(PathBuf::from("/kf")));
         assert_eq!(o.threads, 8);
         assert_eq!(o.cache_mib, 128);
+    }
+
+    #[test]
+    fn atime_options_last_wins() {
+        let mut o = MountOpts::default();
+        assert!(!o.noatime && !o.strictatime, "relatime by default");
+        parse_into(&mut o, "strictatime").unwrap();
+        assert!(!o.noatime && o.strictatime);
+        parse_into(&mut o, "noatime").unwrap();
+        assert!(o.noatime && !o.strictatime);
+        parse_into(&mut o, "noatime,relatime").unwrap();
+        assert!(!o.noatime && !o.strictatime);
+        parse_into(&mut o, "strictatime,atime").unwrap();
+        assert!(!o.noatime && !o.strictatime);
     }
 
     #[test]

@@ -1,21 +1,22 @@
 //! The FUSE adapter: translates kernel requests into [`Volume`] calls and
 //! their results into replies. It holds no policy of its own.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::volume::{Attr, FileKind, FsError, SetAttr, SetTime, Timespec, Volume};
+use crate::volume::{AtimeMode, Attr, FileKind, FsError, SetAttr, SetTime, Timespec, Volume};
 
 /// How long the kernel may cache attributes and entries. sealfs is the only
 /// writer of its volume, so long timeouts are safe.
@@ -25,14 +26,75 @@ const TTL: Duration = Duration::from_secs(60);
 pub struct SealFs {
     vol: Arc<Volume>,
     writeback_cache: bool,
+    /// The session's notifier, once the session exists (see
+    /// [`SealFs::notifier_slot`]).
+    notifier: Arc<OnceLock<Notifier>>,
+    /// More than one worker thread: a request handler may wait for the
+    /// kernel to send (and another worker to serve) other requests.
+    threads: usize,
+    /// Open file handles that can write, per inode: only those inodes can
+    /// have dirty pages in the kernel's writeback cache (close writes them
+    /// back).
+    writers: Mutex<HashMap<u64, u32>>,
+    /// When reads update atime.
+    atime: AtimeMode,
 }
 
 impl SealFs {
-    /// Wrap an open volume.
-    pub fn new(vol: Arc<Volume>) -> Self {
+    /// Wrap an open volume served by `threads` FUSE worker threads, with
+    /// access times kept as `atime` says.
+    pub fn new(vol: Arc<Volume>, threads: usize, atime: AtimeMode) -> Self {
         SealFs {
             writeback_cache: !vol.is_read_only(),
             vol,
+            notifier: Arc::new(OnceLock::new()),
+            threads,
+            writers: Mutex::new(HashMap::new()),
+            atime,
+        }
+    }
+
+    /// Where the mount code puts the session's notifier once the session
+    /// is created (the file system is moved into the session first).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
+    }
+
+    fn note_writer(&self, ino: u64, flags: i32, delta: i32) {
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return;
+        }
+        let mut w = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(ino).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            w.remove(&ino);
+        }
+    }
+
+    /// Make the kernel hand its dirty cached pages of `ino` to the daemon
+    /// now. The kernel does not write back before FUSE_LSEEK, so without
+    /// this SEEK_DATA/SEEK_HOLE would answer from data and a size that are
+    /// behind what the caller wrote. Invalidating the inode's pages makes
+    /// the kernel write dirty ones back first (its launder step), as
+    /// FUSE_WRITE requests that other workers serve while this one waits:
+    /// so only with more than one worker thread.
+    fn write_back_cached(&self, ino: u64) {
+        if !self.writeback_cache || self.threads < 2 {
+            return;
+        }
+        let has_writer = self
+            .writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&ino);
+        if !has_writer {
+            return;
+        }
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                log::debug!("writing back cached pages of inode {ino} before lseek: {e}");
+            }
         }
     }
 }
@@ -362,9 +424,42 @@ impl Filesystem for SealFs {
             }
         }
         match self.vol.open_file(ino.0) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(()) => {
+                self.note_writer(ino.0, flags.0, 1);
+                // Reads from the kernel's page cache do not reach the
+                // daemon: when a read would be due to update atime, drop
+                // the cache on this open so that the first read does.
+                let reads = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
+                let keep = if reads && self.vol.atime_due(ino.0, self.atime) {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                reply.opened(FileHandle(0), keep)
+            }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Counted like open files, so that a directory removed (rmdir,
+        // rename over it) while open stays until its last close.
+        match self.vol.open_file(ino.0) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.vol.release_file(ino.0);
+        reply.ok()
     }
 
     fn read(
@@ -379,7 +474,10 @@ impl Filesystem for SealFs {
         reply: ReplyData,
     ) {
         match self.vol.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                self.vol.note_access(ino.0, self.atime);
+                reply.data(&d)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -418,11 +516,12 @@ impl Filesystem for SealFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.note_writer(ino.0, flags.0, -1);
         self.vol.release_file(ino.0);
         reply.ok()
     }
@@ -448,6 +547,7 @@ impl Filesystem for SealFs {
     ) {
         match self.vol.readdir(ino.0) {
             Ok(entries) => {
+                self.vol.note_access(ino.0, self.atime);
                 for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(
                         INodeNo(*child),
@@ -524,7 +624,7 @@ impl Filesystem for SealFs {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let Some(kind) = kind_from_mode(mode) else {
@@ -543,13 +643,16 @@ impl Filesystem for SealFs {
             )
             .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
         match r {
-            Ok(a) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(a) => {
+                self.note_writer(a.ino, flags, 1);
+                reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -579,6 +682,7 @@ impl Filesystem for SealFs {
         if offset < 0 {
             return reply.error(Errno::from_i32(libc::ENXIO));
         }
+        self.write_back_cached(ino.0);
         match self.vol.lseek(ino.0, offset as u64, whence) {
             Ok(o) => reply.offset(o as i64),
             Err(e) => reply.error(errno(e)),

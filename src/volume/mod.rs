@@ -14,6 +14,7 @@ pub mod clone;
 pub mod format;
 pub mod fsck;
 mod open;
+mod ops_atime;
 pub mod snapshot;
 mod state;
 
@@ -36,6 +37,7 @@ use format::*;
 pub use format::{FileKind, Timespec};
 pub(crate) use open::*;
 pub use open::{default_state_dir, ACCEPT_ROLLBACK};
+pub use ops_atime::AtimeMode;
 pub use snapshot::{
     is_virtual, GcReport, SnapshotError, SnapshotInfo, SNAPDIR_INO, SNAPDIR_NAME, XATTR_GC,
     XATTR_SNAPSHOT,
@@ -1397,10 +1399,15 @@ impl Volume {
         if let Some(g) = s.gid {
             i.gid = g;
         }
-        if s.uid.is_some() || s.gid.is_some() {
-            // chown clears set-user-ID / set-group-ID on files
-            if i.kind == FileKind::File {
-                i.perm &= !0o6000;
+        if (s.uid.is_some() || s.gid.is_some()) && s.mode.is_none() && i.kind != FileKind::Dir {
+            // chown of a non-directory clears set-user-ID, and set-group-ID
+            // only together with group execute: without it the bit marks
+            // mandatory locking and stays (as the VFS does for local file
+            // systems). When the kernel already worked out the new mode it
+            // sends it along, and that mode is taken as it is.
+            i.perm &= !0o4000;
+            if i.perm & 0o010 != 0 {
+                i.perm &= !0o2000;
             }
         }
         match s.atime {
@@ -2242,10 +2249,27 @@ impl Volume {
         if punch && !keep {
             return Err(FsError::INVAL);
         }
+        // Allocating modes must not promise space that is not there: the
+        // part of the range that holds no data yet has to fit into the free
+        // space of the store's file system (sealfs cannot reserve it there;
+        // see README, Limitations).
+        let free = if punch {
+            None
+        } else {
+            let s =
+                rustix::fs::statvfs(&self.root).map_err(|e| FsError::from(io::Error::from(e)))?;
+            Some(s.f_bavail.saturating_mul(s.f_frsize))
+        };
         let mut st = self.state.lock();
         let size = st.get(ino)?.size;
         if st.get(ino)?.kind != FileKind::File {
             return Err(FsError::NOTSUP);
+        }
+        if let Some(free) = free {
+            let needed = self.unallocated_in(st.get(ino)?, off, end);
+            if needed > free {
+                return Err(FsError::NOSPC);
+            }
         }
         if punch || zero {
             let zend = end.min(size);
@@ -2264,6 +2288,36 @@ impl Volume {
         }
         st.dirty.insert(ino);
         Ok(())
+    }
+
+    /// Bytes of [off, end) of a file that hold no data yet (holes and the
+    /// part past the data of each chunk).
+    fn unallocated_in(&self, i: &Inode, off: u64, end: u64) -> u64 {
+        let InodeData::File(fd) = &i.data else {
+            return 0;
+        };
+        let overlap = |a: u64, b: u64| b.min(end).saturating_sub(a.max(off));
+        let have = if let Some(inl) = &fd.inline {
+            overlap(0, inl.len() as u64)
+        } else {
+            let cs = self.hdr.chunk_size as u64;
+            let first = off / cs;
+            let last = (end - 1) / cs;
+            let idxs: BTreeSet<u64> = fd
+                .chunks
+                .range(first..=last)
+                .map(|(k, _)| *k)
+                .chain(fd.dirty.range(first..=last).map(|(k, _)| *k))
+                .chain(fd.flushing.range(first..=last).map(|(k, _)| *k))
+                .collect();
+            idxs.into_iter()
+                .map(|idx| {
+                    let l = fd.data_len(idx).unwrap_or(0).min(cs);
+                    overlap(idx * cs, idx * cs + l)
+                })
+                .sum()
+        };
+        (end - off).saturating_sub(have)
     }
 
     fn zero_range(&self, st: &mut State, ino: u64, off: u64, end: u64) -> FsResult<()> {
@@ -2343,29 +2397,59 @@ impl Volume {
             return Ok(if whence == libc::SEEK_DATA { off } else { size });
         }
         let cs = self.hdr.chunk_size as u64;
-        let present = |idx: u64| fd.present(idx);
-        let last = (size - 1) / cs;
-        let mut idx = off / cs;
+        // Data of chunk idx: [idx * cs, idx * cs + data_len) within the size.
+        let data_end = |idx: u64| -> Option<u64> {
+            let l = fd.data_len(idx)?.min(cs);
+            (l > 0).then(|| (idx * cs + l).min(size))
+        };
         if whence == libc::SEEK_DATA {
-            // next stored chunk at or after idx
-            let next = fd
-                .chunks
-                .range(idx..)
-                .next()
-                .map(|(k, _)| *k)
-                .into_iter()
-                .chain(fd.dirty.range(idx..).next().map(|(k, _)| *k))
-                .chain(fd.flushing.range(idx..).next().map(|(k, _)| *k))
-                .min();
-            match next {
-                Some(n) if n <= last => Ok(off.max(n * cs)),
-                _ => Err(FsError::NXIO),
+            // the first chunk at or after off's with data beyond off
+            let first = off / cs;
+            let mut cands: BTreeSet<u64> = BTreeSet::new();
+            let mut it_c = fd.chunks.range(first..).map(|(k, _)| *k);
+            let mut it_d = fd.dirty.range(first..).map(|(k, _)| *k);
+            let mut it_f = fd.flushing.range(first..).map(|(k, _)| *k);
+            loop {
+                // merge the three index streams in order, a few at a time
+                for it in [
+                    &mut it_c as &mut dyn Iterator<Item = u64>,
+                    &mut it_d,
+                    &mut it_f,
+                ] {
+                    if let Some(k) = it.next() {
+                        cands.insert(k);
+                    }
+                }
+                let Some(idx) = cands.pop_first() else {
+                    return Err(FsError::NXIO);
+                };
+                if idx * cs >= size {
+                    return Err(FsError::NXIO);
+                }
+                if let Some(end) = data_end(idx) {
+                    let start = off.max(idx * cs);
+                    if start < end {
+                        return Ok(start);
+                    }
+                }
             }
         } else {
-            while idx <= last && present(idx) {
-                idx += 1;
+            let mut pos = off;
+            loop {
+                if pos >= size {
+                    return Ok(size);
+                }
+                let idx = pos / cs;
+                match data_end(idx) {
+                    Some(end) if pos < end => {
+                        pos = end;
+                        if end < (idx + 1) * cs {
+                            return Ok(pos.min(size));
+                        }
+                    }
+                    _ => return Ok(pos),
+                }
             }
-            Ok(off.max(idx * cs).min(size))
         }
     }
 

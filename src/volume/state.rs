@@ -33,6 +33,19 @@ impl FileData {
             || self.dirty.contains_key(&idx)
             || self.flushing.contains_key(&idx)
     }
+
+    /// Bytes of chunk `idx` that hold data (from its start; the rest of
+    /// the chunk reads as zeros), or None if the chunk is a hole. The
+    /// newest copy counts: dirty, then being written, then stored.
+    pub fn data_len(&self, idx: u64) -> Option<u64> {
+        if let Some(b) = self.dirty.get(&idx) {
+            return Some(b.len() as u64);
+        }
+        if let Some((_, b)) = self.flushing.get(&idx) {
+            return Some(b.len() as u64);
+        }
+        self.chunks.get(&idx).map(|r| r.len as u64)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,0 +1,776 @@
+//! Stricter POSIX details (issue 16), through real mounts with ordinary
+//! tools (`xfs_io` from xfsprogs, `stat`, `mount`) and plain syscalls:
+//! SEEK_DATA/SEEK_HOLE with data still in the kernel's cache, fallocate
+//! space checks, set-user-ID/set-group-ID rules, rename over open files,
+//! timestamps against the kernel's clock, atime modes.
+
+mod common;
+use common::*;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{FallocateFlags, SeekFrom};
+
+const MIB: u64 = 1 << 20;
+
+fn setup(opts: &[&str]) -> (Env, std::path::PathBuf, Mount) {
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", opts);
+    fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o777)).unwrap();
+    (env, store, m)
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): stdout {} stderr {}",
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+    out
+}
+
+/// `xfs_io` with the given commands on `path`, as root or as `uid:gid`.
+fn xfs_io(path: &Path, cmds: &[&str], as_user: Option<(u32, u32)>) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new("xfs_io");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(path);
+    if let Some((u, g)) = as_user {
+        c.uid(u).gid(g).current_dir("/");
+    }
+    c.output()
+        .expect("xfs_io (package xfsprogs; scripts/deps.sh installs it)")
+}
+
+/// The value `xfs_io -c "seek -d|-h OFF"` prints after DATA/HOLE.
+fn xfs_io_seek_results(out: &Output) -> Vec<(String, String)> {
+    stdout(out)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let k = w.next()?;
+            let v = w.next()?;
+            (k == "DATA" || k == "HOLE").then(|| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn mode_of(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+// ---------------------------------------------------------------------------
+// SEEK_DATA / SEEK_HOLE
+// ---------------------------------------------------------------------------
+
+#[test]
+fn seek_data_hole_sees_writes_still_in_the_kernel_cache() {
+    if !require_fuse() {
+        return;
+    }
+    let (_env, _store, m) = setup(&[]);
+    // A new file, 4 KiB written at 1 MiB, no fsync, the fd still open.
+    let p = m.path("sparse");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all_at(&[0x5a; 4096], MIB).unwrap();
+    let data = rustix::fs::seek(&f, SeekFrom::Data(0)).unwrap();
+    assert_eq!(data, MIB, "SEEK_DATA from 0 before any writeback");
+    let hole = rustix::fs::seek(&f, SeekFrom::Hole(MIB)).unwrap();
+    assert_eq!(hole, MIB + 4096, "SEEK_HOLE from 1 MiB: the end");
+    let hole = rustix::fs::seek(&f, SeekFrom::Hole(0)).unwrap();
+    assert_eq!(hole, 0, "SEEK_HOLE from 0: the hole before the data");
+    // More cached data after committed data: a second region at 3 MiB.
+    f.write_all_at(&[0x33; 100], 3 * MIB).unwrap();
+    let data = rustix::fs::seek(&f, SeekFrom::Data(MIB + 8192)).unwrap();
+    assert_eq!(data, 3 * MIB, "SEEK_DATA past the first region");
+    let hole = rustix::fs::seek(&f, SeekFrom::Hole(3 * MIB)).unwrap();
+    assert_eq!(hole, 3 * MIB + 100, "SEEK_HOLE at the new end");
+    // The data is intact afterwards.
+    let mut b = [0u8; 4096];
+    f.read_exact_at(&mut b, MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0x5a));
+    drop(f);
+
+    // The same with xfs_io in one process (write, then seek, no close).
+    let q = m.path("sparse2");
+    let out = run_ok(
+        Command::new("xfs_io")
+            .args([
+                "-f",
+                "-c",
+                "pwrite -q 1m 4k",
+                "-c",
+                "seek -d 0",
+                "-c",
+                "seek -h 1m",
+            ])
+            .arg(&q),
+    );
+    assert!(out.status.success(), "xfs_io: {}", stderr(&out));
+    let r = xfs_io_seek_results(&out);
+    assert_eq!(
+        r,
+        vec![
+            ("DATA".to_string(), "1048576".to_string()),
+            ("HOLE".to_string(), "1052672".to_string())
+        ],
+        "xfs_io seek output: {}",
+        stdout(&out)
+    );
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// set-user-ID / set-group-ID
+// ---------------------------------------------------------------------------
+
+#[test]
+fn chown_by_root_keeps_setgid_without_group_execute() {
+    if !require_fuse() {
+        return;
+    }
+    let (uid, gid, _) = test_user();
+    let (_env, _store, m) = setup(&[]);
+    let cases = [
+        // (mode before, mode after a chown by root), as on ext4
+        (0o2644, 0o2644), // setgid without g+x: mandatory-locking mark, kept
+        (0o6755, 0o0755), // setuid always cleared, setgid with g+x cleared
+        (0o4644, 0o0644),
+        (0o2755, 0o0755),
+    ];
+    for (i, (before, after)) in cases.iter().enumerate() {
+        let p = m.path(&format!("f{i}"));
+        fs::write(&p, b"x").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(*before)).unwrap();
+        assert_eq!(mode_of(&p), *before);
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        assert_eq!(
+            mode_of(&p),
+            *after,
+            "chown of a {before:o} file by root: got {:o}, want {after:o}",
+            mode_of(&p)
+        );
+    }
+    // A directory keeps both bits on chown.
+    let d = m.path("d");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o2775)).unwrap();
+    std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
+    assert_eq!(mode_of(&d), 0o2775);
+    m.unmount();
+}
+
+#[test]
+fn fallocate_punch_zero_by_non_owner_clear_setuid_setgid() {
+    if !require_fuse() {
+        return;
+    }
+    let (uid, gid, _) = test_user();
+    let (_env, _store, m) = setup(&["allow_other"]);
+    for (i, cmd) in ["falloc 0 8192", "fpunch 0 4096", "fzero 0 4096"]
+        .iter()
+        .enumerate()
+    {
+        let p = m.path(&format!("s{i}"));
+        fs::write(&p, vec![7u8; 16384]).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o6777)).unwrap();
+        assert_eq!(mode_of(&p), 0o6777);
+        let out = xfs_io(&p, &[cmd], Some((uid, gid)));
+        assert!(out.status.success(), "xfs_io {cmd}: {}", stderr(&out));
+        assert_eq!(
+            mode_of(&p),
+            0o0777,
+            "after `{cmd}` by a non-owner both bits must be gone (as write does), got {:o}",
+            mode_of(&p)
+        );
+    }
+    // Root (CAP_FSETID) keeps them, as with write.
+    let p = m.path("root");
+    fs::write(&p, vec![7u8; 16384]).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o6777)).unwrap();
+    let out = xfs_io(&p, &["falloc 0 32768", "fpunch 0 4096"], None);
+    assert!(out.status.success(), "xfs_io as root: {}", stderr(&out));
+    assert_eq!(mode_of(&p), 0o6777);
+    // And a write by the non-owner clears them too (the reference).
+    let p = m.path("w");
+    fs::write(&p, vec![7u8; 16384]).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o6777)).unwrap();
+    let out = xfs_io(&p, &["pwrite -q 0 10"], Some((uid, gid)));
+    assert!(out.status.success(), "xfs_io pwrite: {}", stderr(&out));
+    assert_eq!(mode_of(&p), 0o0777);
+    m.unmount();
+}
+
+#[test]
+fn setuid_set_after_a_write_survives_writeback() {
+    if !require_fuse() {
+        return;
+    }
+    let (uid, gid, _) = test_user();
+    let (env, store, m) = setup(&[]);
+    let p = m.path("prog");
+    fs::write(&p, b"").unwrap();
+    std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+    // Write, then chmod u+s through the same fd before it is closed: the
+    // cached data reaches the daemon only at close (writeback), after the
+    // chmod, and must not take the bit away then.
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o4755))
+        .unwrap();
+    drop(f);
+    assert_eq!(mode_of(&p), 0o4755);
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(mode_of(&m.path("prog")), 0o4755, "after remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// rename over an open file or directory
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rename_over_open_file_and_directory_keeps_fstat_working() {
+    if !require_fuse() {
+        return;
+    }
+    let (_env, _store, m) = setup(&[]);
+    fs::write(m.path("victim"), b"old content").unwrap();
+    fs::write(m.path("new"), b"new content").unwrap();
+    let f = File::open(m.path("victim")).unwrap();
+    let ino = f.metadata().unwrap().ino();
+    fs::rename(m.path("new"), m.path("victim")).unwrap();
+    let md = f.metadata().expect("fstat of a file renamed over");
+    assert_eq!(md.nlink(), 0, "nlink of the replaced file");
+    assert_eq!(md.ino(), ino);
+    assert_eq!(md.len(), 11);
+    let mut b = [0u8; 11];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"old content");
+    assert_eq!(fs::read(m.path("victim")).unwrap(), b"new content");
+    drop(f);
+
+    fs::create_dir(m.path("d1")).unwrap();
+    fs::create_dir(m.path("d2")).unwrap();
+    let d = File::open(m.path("d1")).unwrap();
+    let dino = d.metadata().unwrap().ino();
+    fs::rename(m.path("d2"), m.path("d1")).unwrap();
+    // fstat(2) on the directory fd (the kernel may answer nlink from its
+    // own copy; the daemon must not make it fail)
+    let md = d.metadata().expect("fstat of a directory renamed over");
+    assert_eq!(md.ino(), dino);
+    assert_eq!(md.nlink(), 0, "nlink of the replaced directory");
+    drop(d);
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// Timestamps
+// ---------------------------------------------------------------------------
+
+fn ts(t: SystemTime) -> (i64, i64) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap();
+    (d.as_secs() as i64, d.subsec_nanos() as i64)
+}
+
+fn ctime(md: &fs::Metadata) -> (i64, i64) {
+    (md.ctime(), md.ctime_nsec())
+}
+
+fn mtime(md: &fs::Metadata) -> (i64, i64) {
+    (md.mtime(), md.mtime_nsec())
+}
+
+/// How far behind CLOCK_REALTIME the kernel's own timestamps of a
+/// regular file may be: the kernel stamps them with its coarse clock (one
+/// tick, at most 10 ms with HZ=100; FUSE gets no fine-grained timestamps).
+const KERNEL_TICK_NS: i64 = 10_000_000;
+
+fn minus_tick(t: (i64, i64)) -> (i64, i64) {
+    let ns = t.0 as i128 * 1_000_000_000 + t.1 as i128 - KERNEL_TICK_NS as i128;
+    (
+        (ns.div_euclid(1_000_000_000)) as i64,
+        ns.rem_euclid(1_000_000_000) as i64,
+    )
+}
+
+#[test]
+fn timestamps_never_before_a_clock_reading_taken_before_the_operation() {
+    if !require_fuse() {
+        return;
+    }
+    let (_env, _store, m) = setup(&[]);
+    fs::create_dir(m.path("dir")).unwrap();
+    for round in 0..30 {
+        // Times the daemon sets: never before the clock reading.
+        let check = |what: &str, t0: (i64, i64), got: (i64, i64)| {
+            assert!(
+                got >= t0,
+                "round {round}: {what} = {got:?} is before the clock reading {t0:?} taken \
+                 just before the operation"
+            );
+        };
+        // Times of a regular file's data and attribute changes, which the
+        // kernel sets itself under the writeback cache (README limitations).
+        let check_kernel = |what: &str, t0: (i64, i64), got: (i64, i64)| {
+            assert!(
+                got >= minus_tick(t0),
+                "round {round}: {what} = {got:?} is more than one kernel tick before the \
+                 clock reading {t0:?} taken just before the operation"
+            );
+        };
+        let dir = m.path("dir");
+        let f = m.path(&format!("dir/f{round}"));
+        let t0 = ts(SystemTime::now());
+        File::create(&f).unwrap();
+        let md = fs::metadata(&f).unwrap();
+        check("create ctime", t0, ctime(&md));
+        check("create mtime", t0, mtime(&md));
+        let pd = fs::metadata(&dir).unwrap();
+        check("parent mtime after create", t0, mtime(&pd));
+        check("parent ctime after create", t0, ctime(&pd));
+
+        let sub = m.path(&format!("dir/sub{round}"));
+        let t0 = ts(SystemTime::now());
+        fs::create_dir(&sub).unwrap();
+        check("mkdir ctime", t0, ctime(&fs::metadata(&sub).unwrap()));
+        check(
+            "parent mtime after mkdir",
+            t0,
+            mtime(&fs::metadata(&dir).unwrap()),
+        );
+
+        let t0 = ts(SystemTime::now());
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).unwrap();
+        check(
+            "chmod ctime (directory)",
+            t0,
+            ctime(&fs::metadata(&sub).unwrap()),
+        );
+
+        let sub2 = m.path(&format!("dir/sub{round}-renamed"));
+        let t0 = ts(SystemTime::now());
+        fs::rename(&sub, &sub2).unwrap();
+        check(
+            "rename ctime (directory)",
+            t0,
+            ctime(&fs::metadata(&sub2).unwrap()),
+        );
+        check(
+            "parent mtime after rename",
+            t0,
+            mtime(&fs::metadata(&dir).unwrap()),
+        );
+
+        let l = m.path(&format!("dir/sym{round}"));
+        let t0 = ts(SystemTime::now());
+        std::os::unix::fs::symlink("target", &l).unwrap();
+        check(
+            "symlink ctime",
+            t0,
+            ctime(&fs::symlink_metadata(&l).unwrap()),
+        );
+
+        let t0 = ts(SystemTime::now());
+        fs::remove_file(&l).unwrap();
+        check(
+            "parent mtime after unlink",
+            t0,
+            mtime(&fs::metadata(&dir).unwrap()),
+        );
+
+        // regular file, kernel-stamped
+        let t0 = ts(SystemTime::now());
+        let h = OpenOptions::new().write(true).open(&f).unwrap();
+        h.write_all_at(b"more", 2).unwrap();
+        h.sync_all().unwrap();
+        let md = h.metadata().unwrap();
+        drop(h);
+        check_kernel("write mtime", t0, mtime(&md));
+        check_kernel("write ctime", t0, ctime(&md));
+
+        let t0 = ts(SystemTime::now());
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        check_kernel("chmod ctime (file)", t0, ctime(&fs::metadata(&f).unwrap()));
+
+        let t0 = ts(SystemTime::now());
+        let h = OpenOptions::new().write(true).open(&f).unwrap();
+        h.set_len(1).unwrap();
+        let md = h.metadata().unwrap();
+        drop(h);
+        check_kernel("truncate mtime", t0, mtime(&md));
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// fallocate
+// ---------------------------------------------------------------------------
+
+/// Free bytes for unprivileged use, as statfs(2) on the mount reports.
+fn free_bytes(p: &Path) -> u64 {
+    let s = rustix::fs::statvfs(p).unwrap();
+    s.f_bavail * s.f_frsize
+}
+
+#[test]
+fn fallocate_beyond_free_space_fails_enospc_and_keep_size_keeps_size() {
+    if !require_fuse() {
+        return;
+    }
+    let (env, store, m) = setup(&[]);
+    let p = m.path("big");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    let free = free_bytes(&m.mountpoint);
+    assert!(free > 0);
+    let too_much = free + (1 << 30);
+    for (flags, what) in [
+        (FallocateFlags::empty(), "mode 0"),
+        (FallocateFlags::KEEP_SIZE, "KEEP_SIZE"),
+        (FallocateFlags::ZERO_RANGE, "ZERO_RANGE"),
+    ] {
+        let r = rustix::fs::fallocate(&f, flags, 0, too_much);
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(libc::ENOSPC),
+            "{what} fallocate of {too_much} bytes with {free} free"
+        );
+        assert_eq!(f.metadata().unwrap().len(), 65536, "{what}: size unchanged");
+    }
+    // The part that already holds data does not count: re-allocating the
+    // written 64 KiB always fits.
+    rustix::fs::fallocate(&f, FallocateFlags::empty(), 0, 65536).unwrap();
+    // Punching a hole never needs space.
+    rustix::fs::fallocate(
+        &f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        0,
+        too_much,
+    )
+    .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 65536);
+    drop(f);
+
+    // KEEP_SIZE: writes inside the allocated range do not change the size
+    // unless they go past it; as with xfs_io on ext4.
+    let q = m.path("keep");
+    fs::write(&q, vec![2u8; 65536]).unwrap();
+    let out = xfs_io(
+        &q,
+        &[
+            "falloc -k 0 1m",
+            "pwrite -q 0 4096",
+            "pwrite -q 60000 5536",
+            "fsync",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "xfs_io: {}", stderr(&out));
+    assert_eq!(
+        fs::metadata(&q).unwrap().len(),
+        65536,
+        "writes inside the size"
+    );
+    let out = xfs_io(&q, &["pwrite -q 100000 4000", "fsync"], None);
+    assert!(out.status.success(), "xfs_io: {}", stderr(&out));
+    assert_eq!(
+        fs::metadata(&q).unwrap().len(),
+        104000,
+        "a write past the size"
+    );
+    // Mode 0 within the free space succeeds and sets the size.
+    let r = m.path("ok");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&r)
+        .unwrap();
+    rustix::fs::fallocate(&f, FallocateFlags::empty(), 0, 8 * MIB).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8 * MIB);
+    f.write_all_at(&[3u8; 4096], MIB).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8 * MIB);
+    drop(f);
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(fs::metadata(m.path("keep")).unwrap().len(), 104000);
+    assert_eq!(fs::metadata(m.path("ok")).unwrap().len(), 8 * MIB);
+    assert_eq!(fs::metadata(m.path("big")).unwrap().len(), 65536);
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// atime
+// ---------------------------------------------------------------------------
+
+fn atime(p: &Path) -> (i64, i64) {
+    let md = fs::metadata(p).unwrap();
+    (md.atime(), md.atime_nsec())
+}
+
+fn cat(p: &Path) {
+    let out = run_ok(Command::new("cat").arg(p));
+    assert!(!out.stdout.is_empty());
+}
+
+/// A file whose atime (year 2001) is older than its mtime and ctime.
+fn old_atime_file(m: &Mount, name: &str) -> std::path::PathBuf {
+    let p = m.path(name);
+    fs::write(&p, b"some content\n").unwrap();
+    run_ok(
+        Command::new("touch")
+            .args(["-a", "-d", "@1000000000"])
+            .arg(&p),
+    );
+    assert_eq!(atime(&p).0, 1_000_000_000);
+    p
+}
+
+#[test]
+fn atime_relatime_by_default() {
+    if !require_fuse() {
+        return;
+    }
+    let (env, store, m) = setup(&[]);
+    let p = old_atime_file(&m, "f");
+    let t0 = ts(SystemTime::now());
+    cat(&p);
+    let a1 = atime(&p);
+    assert!(
+        a1 >= t0,
+        "relatime: a read of a file with atime older than mtime updates it: {a1:?} < {t0:?}"
+    );
+    // atime is now newer than mtime and ctime: another read leaves it.
+    std::thread::sleep(Duration::from_millis(20));
+    cat(&p);
+    assert_eq!(atime(&p), a1, "relatime: a second read keeps atime");
+    // A change makes the next read update again.
+    fs::write(&p, b"changed\n").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let t1 = ts(SystemTime::now());
+    cat(&p);
+    let a2 = atime(&p);
+    assert!(a2 >= t1, "relatime after a change: {a2:?} < {t1:?}");
+    // Directories: listing one updates its atime the same way.
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/x"), b"x").unwrap();
+    run_ok(
+        Command::new("touch")
+            .args(["-a", "-d", "@1000000000"])
+            .arg(m.path("d")),
+    );
+    let t2 = ts(SystemTime::now());
+    run_ok(Command::new("ls").arg(m.path("d")));
+    assert!(atime(&m.path("d")) >= t2, "relatime on readdir");
+    // It is committed.
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(atime(&m.path("f")), a2, "atime after remount");
+    m.unmount();
+}
+
+#[test]
+fn atime_noatime_and_strictatime() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &["noatime"]);
+    let p = old_atime_file(&m, "f");
+    cat(&p);
+    run_ok(Command::new("ls").arg(&m.mountpoint));
+    assert_eq!(atime(&p).0, 1_000_000_000, "noatime: reads leave atime");
+    m.unmount();
+
+    let m = env.mount(&store, "mnt", &["strictatime"]);
+    let p = m.path("f");
+    assert_eq!(
+        atime(&p).0,
+        1_000_000_000,
+        "noatime kept it through remount"
+    );
+    cat(&p);
+    let a1 = atime(&p);
+    assert!(a1.0 > 1_000_000_000, "strictatime: first read updates");
+    std::thread::sleep(Duration::from_millis(20));
+    let t0 = ts(SystemTime::now());
+    cat(&p);
+    let a2 = atime(&p);
+    assert!(
+        a2 >= t0 && a2 > a1,
+        "strictatime: every read (open) updates: {a1:?} then {a2:?}"
+    );
+    m.unmount();
+
+    // relatime given explicitly (as mount(8) may pass it) is the default
+    let m = env.mount(&store, "mnt", &["relatime"]);
+    let a = atime(&m.path("f"));
+    cat(&m.path("f"));
+    assert_eq!(
+        atime(&m.path("f")),
+        a,
+        "relatime: atime newer than mtime stays"
+    );
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------
+// remount,ro / remount,rw
+// ---------------------------------------------------------------------------
+
+fn touch_errno(p: &Path) -> Option<i32> {
+    match fs::write(p, b"x") {
+        Ok(()) => None,
+        Err(e) => e.raw_os_error(),
+    }
+}
+
+#[test]
+fn remount_ro_commits_and_rw_writes_again() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    // No background commit within the test: only the remount commits.
+    let m = env.mount(&store, "mnt", &["commit_interval=3600"]);
+    let remount = |how: &str| {
+        env.sealfs(&[
+            "mount",
+            "-o",
+            how,
+            store.to_str().unwrap(),
+            m.mountpoint.to_str().unwrap(),
+        ])
+    };
+    fs::write(m.path("a"), vec![0xa5u8; 300_000]).unwrap();
+    // A file open for writing keeps the mount from turning read-only.
+    let busy = OpenOptions::new().write(true).open(m.path("a")).unwrap();
+    let out = remount("remount,ro");
+    assert_failed(
+        &out,
+        &["read-only", "open for writing"],
+        "remount,ro while busy",
+    );
+    drop(busy);
+
+    let out = remount("remount,ro");
+    assert!(out.status.success(), "remount,ro: {}", stderr(&out));
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(m.mountpoint.to_str().unwrap()))
+        .unwrap();
+    assert!(
+        line.split(' ')
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "mountinfo after remount,ro: {line}"
+    );
+    assert_eq!(touch_errno(&m.path("new")), Some(libc::EROFS));
+    assert_eq!(touch_errno(&m.path("a")), Some(libc::EROFS));
+    assert_eq!(fs::read(m.path("a")).unwrap().len(), 300_000);
+
+    let out = remount("remount,rw");
+    assert!(out.status.success(), "remount,rw: {}", stderr(&out));
+    fs::write(m.path("b"), b"written after remount,rw").unwrap();
+    let out = remount("remount,ro");
+    assert!(out.status.success(), "second remount,ro: {}", stderr(&out));
+    // Both writes were committed by going read-only: they survive the
+    // daemon's death.
+    m.kill9();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(fs::read(m.path("a")).unwrap(), vec![0xa5u8; 300_000]);
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"written after remount,rw");
+    m.unmount();
+
+    // A volume mounted read-only cannot be remounted read-write.
+    let m = env.mount(&store, "mnt", &["ro"]);
+    let out = env.sealfs(&[
+        "mount",
+        "-o",
+        "remount,rw",
+        store.to_str().unwrap(),
+        m.mountpoint.to_str().unwrap(),
+    ]);
+    assert_failed(
+        &out,
+        &["mounted read-only", "mount it again"],
+        "remount,rw of ro",
+    );
+    assert_eq!(touch_errno(&m.path("c")), Some(libc::EROFS));
+    m.unmount();
+}
+
+/// Needs the helper installed (`scripts/install.sh`, which scripts/test.sh
+/// runs first): mount(8) runs /sbin/mount.fuse.sealfs for a remount.
+#[test]
+fn remount_through_mount8_and_the_helper() {
+    if !require_fuse() {
+        return;
+    }
+    assert!(
+        Path::new("/sbin/mount.fuse.sealfs").exists(),
+        "/sbin/mount.fuse.sealfs is missing: run scripts/install.sh"
+    );
+    let env = Env::new();
+    let store = env.create_store("store");
+    let m = env.mount(&store, "mnt", &["commit_interval=3600"]);
+    fs::write(m.path("a"), b"before remount").unwrap();
+    // mount(8) looks the source up in the mount table and runs the helper
+    // with the daemon's environment missing: remount needs neither keys
+    // nor a keystore.
+    let out = run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&m.mountpoint),
+    );
+    let _ = out;
+    assert_eq!(touch_errno(&m.path("x")), Some(libc::EROFS));
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,rw"])
+            .arg(&m.mountpoint),
+    );
+    fs::write(m.path("b"), b"after").unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&m.mountpoint),
+    );
+    m.kill9();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(fs::read(m.path("a")).unwrap(), b"before remount");
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"after");
+    m.unmount();
+}
