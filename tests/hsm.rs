@@ -569,6 +569,55 @@ fn key_stores_keys_unavailable_and_destruction() {
     );
 }
 
+/// Through the library: the token's AES-GCM binds the encryption context
+/// (and key id and version) like software wrapping; a modified wrapped key
+/// or another context is refused; errors carry no PIN.
+#[test]
+fn token_wrapping_binds_the_context() {
+    use sealfs::crypto::Key32;
+    use sealfs::kms::{volume_context, Keystore, KeystoreSecret, KmsError};
+    if !require_softhsm() {
+        return;
+    }
+    let h = Hsm::new();
+    h.create_store_hsm1();
+    ok(
+        &h.run(&["key", "create", "--alias", "db", "--key-store", "hsm1"]),
+        "key create",
+    );
+    // the only in-process PKCS#11 user of this test binary
+    std::env::set_var("SOFTHSM2_CONF", &h.conf);
+    let secret = KeystoreSecret::from_key_file(&h.env.key_file()).unwrap();
+    let ks = Keystore::open(&h.env.keystore(), &secret, false).unwrap();
+    let dk = Key32::random();
+    let ctx = volume_context("00112233445566778899aabbccddeeff", "content");
+    let w = ks.wrap("alias/db", &ctx, &dk).unwrap();
+    assert_eq!(w.sealed.len(), 12 + 32 + 16);
+    assert!(ks.unwrap(&w, &ctx).unwrap().ct_eq(&dk));
+    for other in [
+        volume_context("ffeeddccbbaa99887766554433221100", "content"),
+        volume_context("00112233445566778899aabbccddeeff", "metadata"),
+    ] {
+        let e = ks.unwrap(&w, &other).unwrap_err();
+        assert!(matches!(e, KmsError::UnwrapFailed { .. }), "{e}");
+    }
+    let mut bad = w.clone();
+    bad.sealed[20] ^= 1;
+    let e = ks.unwrap(&bad, &ctx).unwrap_err();
+    assert!(matches!(e, KmsError::UnwrapFailed { .. }), "{e}");
+    // with a wrong PIN: Unavailable, the PIN file named, no PIN
+    write_private(&h.pin_file, "99999999\n");
+    let e = ks.unwrap(&w, &ctx).unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, KmsError::Unavailable { .. }), "{text}");
+    assert!(
+        text.contains("wrong PIN") && text.contains("hsm1.pin"),
+        "{text}"
+    );
+    assert!(!text.contains("99999999") && !text.contains(PIN), "{text}");
+    assert_no_pin(&h, &[&text]);
+}
+
 fn is_eacces<T>(r: &std::io::Result<T>) -> bool {
     matches!(r, Err(e) if e.raw_os_error() == Some(EACCES))
 }
@@ -667,6 +716,35 @@ fn volume_on_hsm_key_mount_rotate_disconnect() {
     wait_for(t, "restored after the token came back", || {
         std::fs::read(m.path("big.bin")).is_ok_and(|g| g == big)
     });
+
+    // --- the token's PIN changed while mounted: revoked (wrong PIN), and
+    // back once the PIN file has the new PIN
+    let t = Instant::now();
+    h.change_pin(PIN, "24681357");
+    wait_for(t, "revoked after the PIN changed", || {
+        is_eacces(&std::fs::read(m.path("big.bin")))
+    });
+    let d = h.describe("alias/db");
+    assert_eq!(d["state"], "Unavailable", "{d}");
+    assert!(
+        d["unavailable_reason"]
+            .as_str()
+            .unwrap()
+            .contains("wrong PIN"),
+        "{d}"
+    );
+    let t = Instant::now();
+    write_private(&h.pin_file, "24681357\n");
+    wait_for(t, "restored after the PIN file was fixed", || {
+        std::fs::read(m.path("big.bin")).is_ok_and(|g| g == big)
+    });
+    h.change_pin("24681357", PIN);
+    write_private(&h.pin_file, format!("{PIN}\n"));
+    let log = m.log_text();
+    assert!(
+        !log.contains(PIN) && !log.contains("24681357"),
+        "PIN in the mount log: {log}"
+    );
     m.unmount();
 
     // --- rotate; old version still unwraps; rewrap moves to v2

@@ -204,9 +204,13 @@ fn open_inner(store: &KeyStore) -> Result<Session, String> {
     }
 }
 
-/// Check that the token can be opened and logged into now.
+/// Check that the token can be opened and logged into now. The module is
+/// initialised afresh first: SoftHSM2 reads its tokens (and their PINs) at
+/// C_Initialize, so only a fresh context sees a token removed, returned or
+/// re-PINned by another process.
 pub fn probe(store: &KeyStore) -> Result<(), String> {
     let _l = op_lock();
+    reset(&store.module);
     open(store).map(|_| ())
 }
 
@@ -318,9 +322,16 @@ pub fn open_sealed(
         .map_err(|e| format!("AES-GCM parameters: {e}"))?;
     match session.decrypt(&Mechanism::AesGcm(params), key, &sealed[GCM_IV_LEN..]) {
         Ok(p) => Ok(Some(Zeroizing::new(p))),
-        Err(CkError::Pkcs11(RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, _)) => {
-            Ok(None)
-        }
+        // The session is open, logged in and the key found: a refusal of
+        // the data is a tag mismatch. SoftHSM2 reports that as
+        // CKR_GENERAL_ERROR, the standard says CKR_ENCRYPTED_DATA_INVALID.
+        Err(CkError::Pkcs11(
+            RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::GeneralError
+            | RvError::FunctionFailed,
+            _,
+        )) => Ok(None),
         Err(e) => Err(ck("AES-GCM decryption", store, e)),
     }
 }
