@@ -295,7 +295,7 @@ fn keystore_clock_only_moves_forward() {
 
 /// The committed keystore of format version 2 (tests/fixtures/format3,
 /// made with SEALFS_KMS_NOW=1764547200) still opens, verifies and is
-/// upgraded to version 3.
+/// upgraded to the current version (4).
 #[test]
 fn keystore_format_2_fixture_opens() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format3");
@@ -331,8 +331,8 @@ fn keystore_format_2_fixture_opens() {
     assert!(v.as_array().unwrap().len() >= 2, "{v}");
     assert_eq!(
         &std::fs::read(&ks).unwrap()[8..10],
-        &[3, 0],
-        "upgraded to version 3"
+        &[4, 0],
+        "upgraded to version 4"
     );
     ok(
         &run(&["key", "audit", "--verify"]),

@@ -6,7 +6,9 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Subcommand, ValueEnum};
 
 use super::{fmt_time, open_keystore, open_or_create_keystore, secret, Global};
-use crate::kms::{self, audit, KeyManager, KeyOrigin, KeyState, KeystoreSecret, MasterKey};
+use crate::kms::{
+    self, audit, KeyManager, KeyOrigin, KeyState, Keystore, KeystoreSecret, MasterKey,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum KeyCmd {
@@ -27,6 +29,10 @@ pub enum KeyCmd {
         /// Rotate automatically every DAYS days (generated keys only)
         #[arg(long, value_name = "DAYS")]
         rotation_period: Option<u32>,
+        /// Generate the key inside this custom key store's token (see
+        /// `sealfs key-store`); its material never leaves the token
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["origin", "rotation_period"])]
+        key_store: Option<String>,
     },
     /// List keys
     ///
@@ -188,6 +194,49 @@ pub enum Origin {
     External,
 }
 
+/// The state shown to users: `Unavailable` for a usable key whose key
+/// store cannot be used now, with the reason.
+fn shown_state(ks: &Keystore, k: &MasterKey) -> (String, Option<String>) {
+    match (k.state, ks.availability(k)) {
+        (KeyState::Enabled, Some(r)) => ("Unavailable".into(), Some(r)),
+        (st, r) => (st.to_string(), r),
+    }
+}
+
+fn origin_text(ks: &Keystore, k: &MasterKey) -> String {
+    match (k.origin, ks.hsm_store_name(k)) {
+        (KeyOrigin::Hsm, Some(s)) => format!("HSM ({s})"),
+        (o, _) => format!("{o:?}"),
+    }
+}
+
+pub fn key_json_in(ks: &Keystore, k: &MasterKey) -> serde_json::Value {
+    let mut v = key_json(k);
+    let (state, reason) = shown_state(ks, k);
+    v["state"] = state.into();
+    if k.origin == KeyOrigin::Hsm {
+        v["unavailable_reason"] = reason.into();
+        v["key_store"] = ks.hsm_store_name(k).into();
+        let objs = ks.hsm_objects_of(&k.id);
+        if let Some(vs) = v["versions"].as_array_mut() {
+            for x in vs {
+                let n = x["version"].as_u64().unwrap_or(0) as u32;
+                if let Some(o) = objs.iter().find(|o| o.version == n) {
+                    x["material"] = if o.destroyed {
+                        "destroyed in the token"
+                    } else {
+                        "in the token"
+                    }
+                    .into();
+                    x["token_object_label"] = o.label.clone().into();
+                    x["token_object_id"] = hex::encode(&o.id).into();
+                }
+            }
+        }
+    }
+    v
+}
+
 pub fn key_json(k: &MasterKey) -> serde_json::Value {
     serde_json::json!({
         "id": k.id,
@@ -209,7 +258,7 @@ pub fn key_json(k: &MasterKey) -> serde_json::Value {
     })
 }
 
-fn print_key(k: &MasterKey) {
+fn print_key(ks: &Keystore, k: &MasterKey) {
     println!("Key id:       {}", k.id);
     println!(
         "Aliases:      {}",
@@ -227,8 +276,12 @@ fn print_key(k: &MasterKey) {
         (KeyState::Deleted, _, Some(d)) => format!(" (material destroyed on {})", fmt_time(d)),
         _ => String::new(),
     };
-    println!("State:        {}{extra}", k.state);
-    println!("Origin:       {:?}", k.origin);
+    let (state, reason) = shown_state(ks, k);
+    println!("State:        {state}{extra}");
+    if let Some(r) = reason {
+        println!("Unavailable:  {r}");
+    }
+    println!("Origin:       {}", origin_text(ks, k));
     println!(
         "Managed by:   {}",
         if k.manager == KeyManager::Service {
@@ -251,17 +304,19 @@ fn print_key(k: &MasterKey) {
         k.versions.len(),
         k.current_version()
     );
+    let objs = ks.hsm_objects_of(&k.id);
     for v in &k.versions {
-        println!(
-            "  v{:<4} created {}{}",
-            v.version,
-            fmt_time(v.created),
-            if v.has_material() {
-                ""
-            } else {
-                "  (material deleted)"
-            }
-        );
+        let note = match objs.iter().find(|o| o.version == v.version) {
+            Some(o) => format!(
+                "  token object '{}' (id {}){}",
+                o.label,
+                hex::encode(&o.id),
+                if o.destroyed { ", destroyed" } else { "" }
+            ),
+            None if v.has_material() => String::new(),
+            None => "  (material deleted)".into(),
+        };
+        println!("  v{:<4} created {}{note}", v.version, fmt_time(v.created));
     }
 }
 
@@ -307,8 +362,14 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
             description,
             origin,
             rotation_period,
+            key_store,
         } => {
             let mut ks = open_or_create_keystore(g)?;
+            if let Some(store) = key_store {
+                let id = ks.create_hsm_key(&alias, &description, &store)?;
+                println!("{id}");
+                return Ok(());
+            }
             let origin = match origin {
                 Origin::Generated => KeyOrigin::Generated,
                 Origin::External => KeyOrigin::External,
@@ -407,7 +468,7 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
             let ks = open_keystore(g, false)?;
             let keys = ks.list()?;
             if json {
-                let v: Vec<_> = keys.iter().map(key_json).collect();
+                let v: Vec<_> = keys.iter().map(|k| key_json_in(&ks, k)).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
@@ -415,10 +476,11 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
                     "KEY ID", "STATE", "MANAGER", "VER", "CREATED"
                 );
                 for k in &keys {
+                    let (state, reason) = shown_state(&ks, k);
                     println!(
-                        "{:<36}  {:<15}  {:<8}  {:>3}  {:<20}  {}",
+                        "{:<36}  {:<15}  {:<8}  {:>3}  {:<20}  {}{}",
                         k.id,
-                        k.state.to_string(),
+                        state,
                         if k.manager == KeyManager::Service {
                             "service"
                         } else {
@@ -426,7 +488,8 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
                         },
                         k.current_version(),
                         fmt_time(k.created),
-                        k.aliases.join(",")
+                        k.aliases.join(","),
+                        reason.map(|r| format!("  ({r})")).unwrap_or_default()
                     );
                 }
             }
@@ -435,9 +498,9 @@ pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
             let ks = open_keystore(g, false)?;
             let k = ks.describe(&key)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&key_json(&k))?);
+                println!("{}", serde_json::to_string_pretty(&key_json_in(&ks, &k))?);
             } else {
-                print_key(&k);
+                print_key(&ks, &k);
             }
         }
         KeyCmd::ChangePassphrase {

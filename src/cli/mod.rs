@@ -3,6 +3,7 @@
 
 pub mod helper;
 pub mod key;
+mod keystore_cmd;
 pub mod logging;
 pub mod options;
 mod remount;
@@ -98,6 +99,9 @@ pub enum Cmd {
     /// Manage master keys in the keystore
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Manage custom key stores: PKCS#11 tokens (HSMs) that hold master keys
+    #[command(subcommand)]
+    KeyStore(keystore_cmd::KeyStoreCmd),
     /// Create a new encrypted volume (store directory)
     ///
     /// Example: sealfs create /srv/photos.store --kms-key alias/photos
@@ -348,6 +352,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init { generate_key_file } => cmd_init(&g, generate_key_file),
         Cmd::Key(k) => key::cmd_key(&g, k),
+        Cmd::KeyStore(c) => keystore_cmd::cmd_key_store(&g, c),
         Cmd::Create {
             store,
             kms_key,

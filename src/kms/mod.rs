@@ -20,12 +20,14 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::crypto::{self, AeadKey, Key32};
 
 pub mod audit;
+pub mod keystore_store;
+pub mod pkcs11;
 pub mod seen;
 
 /// Magic bytes at the start of a keystore file.
 pub const KEYSTORE_MAGIC: &[u8; 8] = b"SEALFSKS";
 /// Current keystore file format version.
-pub const KEYSTORE_FORMAT_VERSION: u16 = 3;
+pub const KEYSTORE_FORMAT_VERSION: u16 = 4;
 /// Length of the fixed keystore header (before the sealed body).
 pub const KEYSTORE_HEADER_LEN: usize = 8 + 2 + 1 + 16 + 12;
 
@@ -123,6 +125,14 @@ pub enum KmsError {
     },
     #[error("{0}")]
     State(String),
+    #[error("key {id} is Unavailable: its key store {store} {reason}")]
+    Unavailable {
+        id: String,
+        store: String,
+        reason: String,
+    },
+    #[error("no key store '{0}'; list key stores with `sealfs key-store list`")]
+    UnknownKeyStore(String),
     #[error("keystore {path}: {source}")]
     Io {
         path: PathBuf,
@@ -274,6 +284,9 @@ pub enum KeyOrigin {
     Generated,
     /// Imported by the user (bring your own key).
     External,
+    /// Generated inside a PKCS#11 token (custom key store); the material
+    /// never leaves the token.
+    Hsm,
 }
 
 /// Who manages the key.
@@ -323,6 +336,17 @@ impl KeyVersion {
             created,
             fingerprint: fingerprint(key_id, &material),
             material: Some(material),
+        }
+    }
+
+    /// A version whose material lives in a token: the keystore keeps only
+    /// a fingerprint of the token object's identity.
+    fn in_token(version: u32, created: u64, fingerprint: [u8; 32]) -> KeyVersion {
+        KeyVersion {
+            version,
+            created,
+            material: None,
+            fingerprint,
         }
     }
 
@@ -440,7 +464,7 @@ pub fn fmt_date(secs: u64) -> String {
     )
 }
 
-/// The decrypted body of the keystore (format version 3).
+/// The decrypted body of the keystore (format version 4).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct KeystoreBody {
     /// Incremented on every change.
@@ -457,6 +481,10 @@ pub struct KeystoreBody {
     /// append since `audit_head` was recorded wrote it, so its absence is
     /// tampering, not an old log.
     audit_head_file: bool,
+    /// Custom key stores (PKCS#11 tokens). Format 4.
+    pub key_stores: Vec<pkcs11::KeyStore>,
+    /// Token objects of the versions of HSM keys. Format 4.
+    pub hsm_objects: Vec<pkcs11::HsmObject>,
 }
 
 impl std::fmt::Debug for KeystoreBody {
@@ -480,6 +508,8 @@ impl Default for KeystoreBody {
             audit_head: None,
             clock: 0,
             audit_head_file: false,
+            key_stores: Vec::new(),
+            hsm_objects: Vec::new(),
         }
     }
 }
@@ -530,6 +560,44 @@ fn upgrade_v2(mut old: v2::KeystoreBody) -> KeystoreBody {
         audit_head: old.audit_head,
         clock,
         audit_head_file: false,
+        key_stores: Vec::new(),
+        hsm_objects: Vec::new(),
+    }
+}
+
+/// Keystore format version 3 (before custom key stores): read and
+/// converted on open, never written.
+mod v3 {
+    use serde::Deserialize;
+    use zeroize::Zeroize;
+
+    #[derive(Deserialize)]
+    pub struct KeystoreBody {
+        pub revision: u64,
+        pub keys: Vec<super::MasterKey>,
+        pub audit_key: [u8; 32],
+        pub audit_head: Option<(u64, [u8; 32])>,
+        pub clock: u64,
+        pub audit_head_file: bool,
+    }
+
+    impl Drop for KeystoreBody {
+        fn drop(&mut self) {
+            self.audit_key.zeroize();
+        }
+    }
+}
+
+fn upgrade_v3(mut old: v3::KeystoreBody) -> KeystoreBody {
+    KeystoreBody {
+        revision: old.revision,
+        keys: std::mem::take(&mut old.keys),
+        audit_key: old.audit_key,
+        audit_head: old.audit_head,
+        clock: old.clock,
+        audit_head_file: old.audit_head_file,
+        key_stores: Vec::new(),
+        hsm_objects: Vec::new(),
     }
 }
 
@@ -602,11 +670,10 @@ fn upgrade_v1(old: v1::KeystoreBody) -> KeystoreBody {
             deleted: None,
         })
         .collect();
-    KeystoreBody {
-        revision: old.revision,
-        keys,
-        ..KeystoreBody::default()
-    }
+    let mut body = KeystoreBody::default();
+    body.revision = old.revision;
+    body.keys = keys;
+    body
 }
 
 /// A data key wrapped under a master key version.
@@ -1076,7 +1143,7 @@ impl Keystore {
         Self::decode_body(path, kdf.version, &plain)
     }
 
-    /// Parse a decrypted body of keystore format `version` (1, 2 or 3).
+    /// Parse a decrypted body of keystore format `version` (1 to 4).
     /// Whoever knows the secret can seal any bytes, so this is hostile
     /// input too: an error, never a panic (property-tested).
     fn decode_body(path: &Path, version: u16, plain: &[u8]) -> Result<KeystoreBody> {
@@ -1087,6 +1154,7 @@ impl Keystore {
         Ok(match version {
             1 => upgrade_v1(postcard::from_bytes(plain).map_err(corrupt)?),
             2 => upgrade_v2(postcard::from_bytes(plain).map_err(corrupt)?),
+            3 => upgrade_v3(postcard::from_bytes(plain).map_err(corrupt)?),
             _ => postcard::from_bytes(plain).map_err(corrupt)?,
         })
     }
@@ -1143,8 +1211,12 @@ impl Keystore {
         self.kdf.version = KEYSTORE_FORMAT_VERSION;
         changed |= self.ensure_service_keys();
         let mut events: Vec<(String, &'static str, Option<u32>, String)> = Vec::new();
+        let mut hsm_deleted = Vec::new();
         for k in &mut self.body.keys {
             if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now) {
+                if k.origin == KeyOrigin::Hsm {
+                    hsm_deleted.push(k.id.clone());
+                }
                 for v in &mut k.versions {
                     v.material.zeroize();
                     v.material = None;
@@ -1192,6 +1264,9 @@ impl Keystore {
                 "ok",
                 Some(detail),
             )?;
+        }
+        for id in hsm_deleted {
+            self.destroy_token_objects(&id)?;
         }
         if destroyed {
             // The previous file still holds the material: it must not
@@ -1472,14 +1547,20 @@ impl Keystore {
         let versions = match origin {
             KeyOrigin::Generated => vec![KeyVersion::new(&id, 1, now, *Key32::random().as_bytes())],
             KeyOrigin::External => Vec::new(),
+            KeyOrigin::Hsm => {
+                return Err(KmsError::Refused(
+                    "keys in a key store are created with `sealfs key create --key-store NAME`"
+                        .into(),
+                ))
+            }
         };
         self.body.keys.push(MasterKey {
             id: id.clone(),
             aliases: full,
             description: description.to_string(),
             state: match origin {
-                KeyOrigin::Generated => KeyState::Enabled,
                 KeyOrigin::External => KeyState::PendingImport,
+                _ => KeyState::Enabled,
             },
             origin,
             manager: KeyManager::Customer,
@@ -1776,7 +1857,19 @@ impl Keystore {
             return self.deny("RotateKey", Some(&id), e);
         }
         let v = k.current_version() + 1;
+        if k.origin == KeyOrigin::Hsm {
+            if material.is_some() {
+                let e = KmsError::Refused(format!(
+                    "key {id} lives in a key store: it rotates to a new key generated in the token (drop --material)"
+                ));
+                return self.deny("RotateKey", Some(&id), e);
+            }
+            self.rotate_hsm(&id, v, now)?;
+            self.commit_change("RotateKey", &id, Some(v), "rotated on demand".into())?;
+            return Ok(v);
+        }
         match (k.origin, material) {
+            (KeyOrigin::Hsm, _) => unreachable!("handled above"),
             (KeyOrigin::Generated, None) => {
                 k.versions
                     .push(KeyVersion::new(&id, v, now, *Key32::random().as_bytes()));
@@ -1823,6 +1916,12 @@ impl Keystore {
         if k.origin == KeyOrigin::External && days.is_some() {
             let e = KmsError::Refused(format!(
                 "key {id} has imported material: imported keys rotate only on demand, with new material"
+            ));
+            return self.deny(op, Some(&id), e);
+        }
+        if k.origin == KeyOrigin::Hsm && days.is_some() {
+            let e = KmsError::Refused(format!(
+                "key {id} lives in a key store: it rotates on demand (`sealfs key rotate {id}`)"
             ));
             return self.deny(op, Some(&id), e);
         }
@@ -2125,6 +2224,9 @@ impl Keystore {
                 return Err(e);
             }
         };
+        if k.origin == KeyOrigin::Hsm {
+            return self.wrap_hsm(op, k, ctx, data_key);
+        }
         let v = k.versions.last().filter(|v| v.has_material());
         let (v, material) = match (k.state, v) {
             (KeyState::Enabled, Some(v)) => (v, v.material.expect("checked")),
@@ -2183,6 +2285,10 @@ impl Keystore {
         if k.state != KeyState::Enabled {
             return Err(k.unusable());
         }
+        if k.origin == KeyOrigin::Hsm {
+            self.hsm_usable(k, k.current_version())?;
+            return Ok(k);
+        }
         if !k.versions.last().is_some_and(|v| v.has_material()) {
             return Err(KmsError::MaterialDeleted {
                 id: k.id.clone(),
@@ -2205,6 +2311,9 @@ impl Keystore {
         if k.state != KeyState::Enabled {
             return Err(k.unusable());
         }
+        if k.origin == KeyOrigin::Hsm {
+            return self.hsm_usable(k, w.key_version);
+        }
         match k.versions.iter().find(|v| v.version == w.key_version) {
             None => Err(KmsError::NoSuchVersion {
                 id: k.id.clone(),
@@ -2223,11 +2332,15 @@ impl Keystore {
     pub fn unwrap(&self, w: &WrappedKey, ctx: &EncryptionContext) -> Result<Key32> {
         let r = self.unwrap_inner(w, ctx);
         let (result, detail) = match &r {
+            Ok(_) if self.is_hsm_key(&w.key_id) => {
+                ("ok", self.hsm_detail(&w.key_id, w.key_version))
+            }
             Ok(_) => ("ok", None),
             Err(
                 e @ (KmsError::KeyNotUsable { .. }
                 | KmsError::KeyDeleted { .. }
-                | KmsError::MaterialDeleted { .. }),
+                | KmsError::MaterialDeleted { .. }
+                | KmsError::Unavailable { .. }),
             ) => ("denied", Some(e.to_string())),
             Err(e) => ("error", Some(e.to_string())),
         };
@@ -2251,6 +2364,9 @@ impl Keystore {
             .iter()
             .find(|k| k.id == w.key_id)
             .expect("checked");
+        if k.origin == KeyOrigin::Hsm {
+            return self.unwrap_hsm(k, w, ctx);
+        }
         let v = k
             .versions
             .iter()
