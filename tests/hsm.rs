@@ -20,7 +20,8 @@ use serde_json::Value;
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const EACCES: i32 = 13;
 const REVOCATION_BOUND: Duration = Duration::from_secs(5);
-const PIN: &str = "5678";
+// (not hex, so that it cannot turn up by chance in a MAC or a key id)
+const PIN: &str = "Pin-Qwz-Xkv";
 const SO_PIN: &str = "123456";
 
 /// True if SoftHSM2 and pkcs11-tool are here. Panics when CI=true and
@@ -465,7 +466,7 @@ fn key_stores_keys_unavailable_and_destruction() {
     assert_eq!(h.describe("alias/db")["state"], "Enabled");
 
     // --- the PIN changed in the token: the PIN file is wrong now
-    h.change_pin(PIN, "87654321");
+    h.change_pin(PIN, "Other-Pin-Qwz");
     let d = h.describe("alias/db");
     assert_eq!(d["state"], "Unavailable", "{d}");
     assert!(
@@ -475,9 +476,9 @@ fn key_stores_keys_unavailable_and_destruction() {
             .contains("wrong PIN"),
         "{d}"
     );
-    write_private(&h.pin_file, "87654321\n");
+    write_private(&h.pin_file, "Other-Pin-Qwz\n");
     assert_eq!(h.describe("alias/db")["state"], "Enabled");
-    h.change_pin("87654321", PIN);
+    h.change_pin("Other-Pin-Qwz", PIN);
     write_private(&h.pin_file, format!("{PIN}\n"));
 
     // --- rotation makes a new token object
