@@ -621,9 +621,6 @@ impl Filesystem for SealFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // `sealfs mount -o remount` fsyncs the root after the remount:
-        // notice the kernel mount's new read-only flag here.
-        self.refresh_mount_ro();
         reply_empty(reply, self.vol.fsync(ino.0))
     }
 
@@ -664,7 +661,9 @@ impl Filesystem for SealFs {
     ) {
         // `sealfs mount -o remount` fsyncs the root after the remount:
         // notice the kernel mount's new read-only flag here.
-        self.refresh_mount_ro();
+        if ino.0 == crate::volume::ROOT_INO {
+            self.refresh_mount_ro();
+        }
         reply_empty(reply, self.vol.fsync(ino.0))
     }
 
