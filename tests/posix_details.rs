@@ -774,3 +774,332 @@ fn remount_through_mount8_and_the_helper() {
     assert_eq!(fs::read(m.path("b")).unwrap(), b"after");
     m.unmount();
 }
+
+/// While a mount is remounted read-only, reads change nothing: atime stays
+/// (also after the daemon's final commit), the store is not written, and
+/// `sealfs status` shows the mount read-only.
+#[test]
+fn remount_ro_reads_commit_nothing_and_status_shows_it() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    // Background commits every second: a changed atime would be committed.
+    let m = env.mount(&store, "mnt", &["commit_interval=1"]);
+    let p = old_atime_file(&m, "f");
+    let remount = |how: &str| {
+        let out = env.sealfs(&[
+            "mount",
+            "-o",
+            how,
+            store.to_str().unwrap(),
+            m.mountpoint.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{how}: {}", stderr(&out));
+    };
+    remount("remount,ro");
+    let e = status_entry(&env, &m.mountpoint).expect("mount listed in status");
+    assert_eq!(e["read_only"], serde_json::json!(true), "status: {e}");
+    let human = stdout(&env.sealfs(&["status"]));
+    assert!(human.contains("live, read-only"), "status: {human}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = snapshot_store(&store);
+    // relatime: atime (2001) is older than mtime, so a read-write mount
+    // would update it on this read.
+    cat(&p);
+    fs::read_dir(&m.mountpoint).unwrap().for_each(drop);
+    assert_eq!(atime(&p).0, 1_000_000_000, "atime changed on a ro mount");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        snapshot_store(&store) == before,
+        "the store was written while the mount was read-only"
+    );
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(atime(&m.path("f")).0, 1_000_000_000);
+    // Back to read-write, reads update atime again.
+    let m2 = m;
+    let out = env.sealfs(&[
+        "mount",
+        "-o",
+        "remount,ro",
+        store.to_str().unwrap(),
+        m2.mountpoint.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.sealfs(&[
+        "mount",
+        "-o",
+        "remount,rw",
+        store.to_str().unwrap(),
+        m2.mountpoint.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = status_entry(&env, &m2.mountpoint).expect("mount listed in status");
+    assert_eq!(e["read_only"], serde_json::json!(false), "status: {e}");
+    cat(&m2.path("f"));
+    assert!(
+        atime(&m2.path("f")).0 > 1_000_000_000,
+        "rw read keeps atime"
+    );
+    m2.unmount();
+}
+
+// security.* / trusted.* xattrs, file capabilities
+// ---------------------------------------------------------------------------
+
+fn getcap(p: &Path) -> String {
+    stdout(&run_ok(Command::new("getcap").arg(p)))
+}
+
+/// In `dir`: a binary copied in with cp(1), given a capability, then
+/// appended to by root. Returns getcap's output before and after that
+/// write.
+fn capability_across_write(dir: &Path) -> (String, String) {
+    let t = dir.join("prog");
+    run_ok(Command::new("cp").arg("/bin/true").arg(&t));
+    run_ok(
+        Command::new("setcap")
+            .arg("cap_net_bind_service+ep")
+            .arg(&t),
+    );
+    let before = getcap(&t);
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("printf y >> \"$1\"")
+            .arg("sh")
+            .arg(&t),
+    );
+    (before, getcap(&t))
+}
+
+#[test]
+fn security_and_trusted_xattrs_and_capabilities_like_ext4() {
+    if !require_fuse() {
+        return;
+    }
+    let (env, store, m) = setup(&[]);
+    // The host file system (ext4 or the like, where the test's temporary
+    // directory lives) is the reference.
+    let host = env.path("host");
+    fs::create_dir(&host).unwrap();
+    let (hb, ha) = capability_across_write(&host);
+    assert!(hb.contains("cap_net_bind_service=ep"), "host getcap: {hb}");
+    let (sb, sa) = capability_across_write(&m.mountpoint);
+    assert!(
+        sb.contains("cap_net_bind_service=ep"),
+        "sealfs getcap: {sb}"
+    );
+    assert_eq!(
+        ha.is_empty(),
+        sa.is_empty(),
+        "capability after a write: host {ha:?}, sealfs {sa:?}"
+    );
+    assert!(sa.is_empty(), "a write kept the capability: {sa}");
+
+    // setcap/getcap, trusted.* and security.* as root; they survive a
+    // remount.
+    let p = m.path("prog");
+    run_ok(Command::new("setcap").arg("cap_net_raw+ep").arg(&p));
+    let f = m.path("f");
+    fs::write(&f, b"x").unwrap();
+    run_ok(
+        Command::new("setfattr")
+            .args(["-n", "trusted.overlay.opaque", "-v", "y"])
+            .arg(&f),
+    );
+    run_ok(
+        Command::new("setfattr")
+            .args(["-n", "security.label", "-v", "lbl"])
+            .arg(&f),
+    );
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    assert!(getcap(&m.path("prog")).contains("cap_net_raw=ep"));
+    let out = stdout(&run_ok(
+        Command::new("getfattr")
+            .args(["-d", "-m", "-"])
+            .arg(m.path("f")),
+    ));
+    assert!(out.contains("trusted.overlay.opaque=\"y\""), "{out}");
+    assert!(out.contains("security.label=\"lbl\""), "{out}");
+    // chown clears the capability too (the kernel asks the daemon to).
+    run_ok(Command::new("chown").arg("1:1").arg(m.path("prog")));
+    assert_eq!(getcap(&m.path("prog")), "");
+    // The kernel's permission rules hold: trusted.* needs CAP_SYS_ADMIN,
+    // setting a capability CAP_SETFCAP.
+    let fs_ = m.path("f");
+    for (cap, cmd) in [
+        (
+            "cap_sys_admin",
+            format!("setfattr -n trusted.z -v 1 '{}'", fs_.display()),
+        ),
+        (
+            "cap_setfcap",
+            format!("setcap cap_net_raw+ep '{}'", m.path("prog").display()),
+        ),
+    ] {
+        let out = Command::new("capsh")
+            .arg(format!("--drop={cap}"))
+            .args(["--", "-c", &cmd])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{cmd} without {cap} succeeded");
+    }
+    assert_eq!(getcap(&m.path("prog")), "");
+    let out = stdout(&run_ok(
+        Command::new("getfattr")
+            .args(["-d", "-m", "trusted"])
+            .arg(&fs_),
+    ));
+    assert!(!out.contains("trusted.z"), "{out}");
+
+    // POSIX ACLs are refused (README: limitations): setfacl says so, and
+    // getfacl shows the mode bits.
+    let out = Command::new("setfacl")
+        .args(["-m", "u:1:r"])
+        .arg(&fs_)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "setfacl succeeded");
+    assert!(
+        stderr(&out).contains("Operation not supported"),
+        "setfacl: {}",
+        stderr(&out)
+    );
+    let acl = stdout(&run_ok(Command::new("getfacl").arg("-c").arg(&fs_)));
+    assert!(
+        acl.contains("user::rw-") && !acl.contains("user:1:"),
+        "{acl}"
+    );
+    m.unmount();
+}
+
+// RENAME_WHITEOUT, O_TMPFILE
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rename_whiteout_leaves_a_whiteout_and_overlayfs_upper_works() {
+    if !require_fuse() {
+        return;
+    }
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let (env, store, m) = setup(&[]);
+    fs::write(m.path("a"), b"moved").unwrap();
+    renameat_with(CWD, m.path("a"), CWD, m.path("b"), RenameFlags::WHITEOUT).unwrap();
+    let check = |m: &Mount| {
+        let md = fs::symlink_metadata(m.path("a")).unwrap();
+        assert_eq!(md.mode() & libc::S_IFMT, libc::S_IFCHR, "whiteout type");
+        assert_eq!(md.rdev(), 0, "whiteout device");
+        assert_eq!(fs::read(m.path("b")).unwrap(), b"moved");
+    };
+    check(&m);
+    // not with RENAME_EXCHANGE (as the kernel's other file systems)
+    fs::write(m.path("c"), b"c").unwrap();
+    let e = renameat_with(
+        CWD,
+        m.path("b"),
+        CWD,
+        m.path("c"),
+        RenameFlags::WHITEOUT | RenameFlags::EXCHANGE,
+    )
+    .unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EINVAL);
+    m.unmount();
+    let m = env.mount(&store, "mnt", &[]);
+    check(&m);
+
+    // overlayfs with its upper directory on sealfs: removing a lower file
+    // leaves a whiteout in the upper directory.
+    let lower = env.path("lower");
+    fs::create_dir(&lower).unwrap();
+    fs::write(lower.join("l"), b"lower").unwrap();
+    fs::create_dir(m.path("up")).unwrap();
+    fs::create_dir(m.path("work")).unwrap();
+    let ov = env.path("ov");
+    fs::create_dir(&ov).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                m.path("up").display(),
+                m.path("work").display()
+            ))
+            .arg(&ov),
+    );
+    let r = fs::remove_file(ov.join("l"));
+    let listed = fs::read_dir(&ov).unwrap().count();
+    run_ok(Command::new("umount").arg(&ov));
+    r.unwrap();
+    assert_eq!(listed, 0, "the lower file still shows in the overlay");
+    let md = fs::symlink_metadata(m.path("up/l")).unwrap();
+    assert_eq!(md.mode() & libc::S_IFMT, libc::S_IFCHR);
+    assert_eq!(md.rdev(), 0);
+    m.unmount();
+}
+
+/// fuser 0.18 has no FUSE_TMPFILE: the kernel turns its ENOSYS into
+/// EOPNOTSUPP, as README's limitations say.
+#[test]
+fn o_tmpfile_fails_with_eopnotsupp() {
+    if !require_fuse() {
+        return;
+    }
+    use rustix::fs::{openat, Mode, OFlags, CWD};
+    let (_env, _store, m) = setup(&[]);
+    for _ in 0..2 {
+        let e = openat(
+            CWD,
+            &m.mountpoint,
+            OFlags::TMPFILE | OFlags::RDWR,
+            Mode::from_raw_mode(0o600),
+        )
+        .unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::EOPNOTSUPP);
+    }
+    // nothing was left behind
+    assert_eq!(fs::read_dir(&m.mountpoint).unwrap().count(), 0);
+    m.unmount();
+}
+
+// umount(8) then mount at once
+// ---------------------------------------------------------------------------
+
+/// umount(8) returns before the daemon's final commit; a mount of the same
+/// store right after waits for it without a warning, and sees everything.
+#[test]
+fn umount_then_mount_at_once_is_quiet_and_keeps_data() {
+    if !require_fuse() {
+        return;
+    }
+    let env = Env::new();
+    let store = env.create_store("store");
+    let mut worst = Duration::ZERO;
+    for round in 0..3u8 {
+        // nothing is committed before the unmount
+        let mut m = env.mount(&store, "mnt", &["commit_interval=3600"]);
+        let data: Vec<u8> = (0..48 * MIB as usize)
+            .map(|i| (i as u8) ^ round.wrapping_mul(31))
+            .collect();
+        fs::write(m.path("big"), &data).unwrap();
+        let mut old = m.child.take().unwrap();
+        run_ok(Command::new("umount").arg(&m.mountpoint));
+        let gone = std::time::Instant::now();
+        let m2 = env.mount(&store, "mnt", &[]);
+        let st = old.wait().unwrap();
+        assert!(st.success(), "old daemon: {st}: {}", m.log_text());
+        worst = worst.max(gone.elapsed());
+        let log = m2.log_text();
+        assert!(
+            !log.contains("still locked") && !log.contains("WARN"),
+            "the mount right after umount printed: {log}"
+        );
+        assert!(fs::read(m2.path("big")).unwrap() == data, "round {round}");
+        m2.unmount();
+    }
+    eprintln!("umount(8) to final commit: at most {worst:?}");
+}

@@ -687,6 +687,11 @@ fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<()> {
     Ok(())
 }
 
+/// How long a mount waits for the daemon of an unmounted mount of the same
+/// store to release it, and how long of that it waits without a word.
+const LOCKED_STORE_WAIT: Duration = Duration::from_secs(30);
+const LOCKED_STORE_QUIET: Duration = Duration::from_secs(5);
+
 /// Everything a mount needs, checked before anything is mounted: options,
 /// store and mountpoint. Returns the effective global options (mount
 /// options override them), absolute paths and the parsed options.
@@ -751,15 +756,26 @@ fn check_mount(
     }
     if store_in_use(&store) && !store_mounted(&store) {
         // An unmounted store whose lock is still held: most likely the
-        // daemon of a mount just unmounted with umount(8) is still writing
-        // its final commit. Give it time.
-        log::warn!(
+        // daemon of a mount just unmounted with umount(8) (which does not
+        // wait for it) is still writing its final commit. Give it time,
+        // quietly at first: that usually takes well under a second.
+        log::debug!(
             "store {} is still locked; waiting for the previous daemon to finish",
             store.display()
         );
         let start = Instant::now();
-        while store_in_use(&store) && start.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(50));
+        let mut warned = false;
+        while store_in_use(&store) && start.elapsed() < LOCKED_STORE_WAIT {
+            if !warned && start.elapsed() >= LOCKED_STORE_QUIET {
+                warned = true;
+                log::warn!(
+                    "store {} is still locked after {} s; waiting up to {} s for the previous daemon to finish its final commit",
+                    store.display(),
+                    LOCKED_STORE_QUIET.as_secs(),
+                    LOCKED_STORE_WAIT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     if store_in_use(&store) {
@@ -883,7 +899,7 @@ fn serve(
     } else {
         crate::volume::AtimeMode::Relatime
     };
-    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads, atime);
+    let fs = crate::fuse::SealFs::new(vol.clone(), o.threads, atime).with_mountpoint(mountpoint);
     let notifier_slot = fs.notifier_slot();
     let (session, own_mount) = mount_session(fs, store, mountpoint, o, &cfg)?;
     let mut session = session;

@@ -111,18 +111,20 @@ pub fn run(mountpoint: &Path, raw_opts: &[String]) -> Result<()> {
             if ro { "read-only" } else { "read-write" }
         )
     })?;
-    if ro {
-        // The kernel wrote back its cached data before turning read-only;
-        // fsync of the root makes the daemon commit it (and the rest).
-        let root = std::fs::File::open(&mp)
-            .with_context(|| format!("cannot open {} to commit", mp.display()))?;
-        root.sync_all().map_err(|e| {
-            anyhow!(
-                "{} is read-only now, but committing its data failed: {e}",
-                mp.display()
-            )
-        })?;
-    }
+    // The kernel does not tell the daemon about a remount: an fsync of the
+    // root makes it look at the mount table (from read-only on, reads no
+    // longer update atime, so nothing changes or is committed) and, when
+    // going read-only, commit what the kernel wrote back before turning
+    // read-only (and everything else it holds).
+    let root = std::fs::File::open(&mp)
+        .with_context(|| format!("cannot open {} to commit", mp.display()))?;
+    root.sync_all().map_err(|e| {
+        anyhow!(
+            "{} is {} now, but committing its data failed: {e}",
+            mp.display(),
+            if ro { "read-only" } else { "read-write" }
+        )
+    })?;
     log::info!(
         "remounted {} {}",
         mp.display(),

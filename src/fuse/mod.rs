@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -38,7 +39,23 @@ pub struct SealFs {
     writers: Mutex<HashMap<u64, u32>>,
     /// When reads update atime.
     atime: AtimeMode,
+    /// Whether the kernel mount is read-only now (`mount -o remount,ro`;
+    /// the kernel does not tell the daemon), see [`SealFs::mount_ro`].
+    kernel_ro: KernelRo,
 }
+
+/// The kernel mount's read-only flag as last read from the mount table.
+struct KernelRo {
+    mountpoint: Option<PathBuf>,
+    ro: AtomicBool,
+    checked: Mutex<Option<Instant>>,
+}
+
+/// How old the cached read-only flag may get before a read that would
+/// update atime looks at the mount table again. A remount through sealfs
+/// (mount(8), the helper, `sealfs mount -o remount`) refreshes it at once
+/// with an fsync of the root.
+const RO_RECHECK: Duration = Duration::from_millis(500);
 
 impl SealFs {
     /// Wrap an open volume served by `threads` FUSE worker threads, with
@@ -51,6 +68,70 @@ impl SealFs {
             threads,
             writers: Mutex::new(HashMap::new()),
             atime,
+            kernel_ro: KernelRo {
+                mountpoint: None,
+                ro: AtomicBool::new(false),
+                checked: Mutex::new(None),
+            },
+        }
+    }
+
+    /// The mount point this file system is mounted on, so that it can see
+    /// when the kernel mount is remounted read-only.
+    pub fn with_mountpoint(mut self, mountpoint: &Path) -> Self {
+        self.kernel_ro.mountpoint =
+            Some(std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf()));
+        self
+    }
+
+    /// Read the mount table now: is the kernel mount read-only?
+    fn refresh_mount_ro(&self) -> bool {
+        let Some(mp) = &self.kernel_ro.mountpoint else {
+            return false;
+        };
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let ro = crate::cli::status::parse_mountinfo(&info)
+            .into_iter()
+            .rfind(|e| &e.mountpoint == mp)
+            .is_some_and(|e| e.read_only);
+        let was = self.kernel_ro.ro.swap(ro, Ordering::Relaxed);
+        if was != ro {
+            log::info!(
+                "{} is {} now",
+                mp.display(),
+                if ro { "read-only" } else { "read-write" }
+            );
+        }
+        *self
+            .kernel_ro
+            .checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        ro
+    }
+
+    /// Whether the kernel mount is read-only (cached for [`RO_RECHECK`]).
+    fn mount_ro(&self) -> bool {
+        let fresh = self
+            .kernel_ro
+            .checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < RO_RECHECK);
+        if fresh {
+            self.kernel_ro.ro.load(Ordering::Relaxed)
+        } else {
+            self.refresh_mount_ro()
+        }
+    }
+
+    /// The atime mode in force: none while the kernel mount is read-only,
+    /// so that reads change (and commit) nothing.
+    fn atime_mode(&self) -> AtimeMode {
+        if self.atime == AtimeMode::NoAtime || self.vol.is_read_only() || self.mount_ro() {
+            AtimeMode::NoAtime
+        } else {
+            self.atime
         }
     }
 
@@ -370,7 +451,7 @@ impl Filesystem for SealFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -380,12 +461,14 @@ impl Filesystem for SealFs {
     ) {
         reply_empty(
             reply,
-            self.vol.rename(
+            self.vol.rename_as(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
                 flags.bits(),
+                req.uid(),
+                req.gid(),
             ),
         )
     }
@@ -430,7 +513,7 @@ impl Filesystem for SealFs {
                 // daemon: when a read would be due to update atime, drop
                 // the cache on this open so that the first read does.
                 let reads = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
-                let keep = if reads && self.vol.atime_due(ino.0, self.atime) {
+                let keep = if reads && self.vol.atime_due(ino.0, self.atime_mode()) {
                     FopenFlags::empty()
                 } else {
                     FopenFlags::FOPEN_KEEP_CACHE
@@ -475,7 +558,7 @@ impl Filesystem for SealFs {
     ) {
         match self.vol.read(ino.0, offset, size) {
             Ok(d) => {
-                self.vol.note_access(ino.0, self.atime);
+                self.vol.note_access(ino.0, self.atime_mode());
                 reply.data(&d)
             }
             Err(e) => reply.error(errno(e)),
@@ -534,6 +617,9 @@ impl Filesystem for SealFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // `sealfs mount -o remount` fsyncs the root after the remount:
+        // notice the kernel mount's new read-only flag here.
+        self.refresh_mount_ro();
         reply_empty(reply, self.vol.fsync(ino.0))
     }
 
@@ -547,7 +633,7 @@ impl Filesystem for SealFs {
     ) {
         match self.vol.readdir(ino.0) {
             Ok(entries) => {
-                self.vol.note_access(ino.0, self.atime);
+                self.vol.note_access(ino.0, self.atime_mode());
                 for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(
                         INodeNo(*child),
@@ -572,6 +658,9 @@ impl Filesystem for SealFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // `sealfs mount -o remount` fsyncs the root after the remount:
+        // notice the kernel mount's new read-only flag here.
+        self.refresh_mount_ro();
         reply_empty(reply, self.vol.fsync(ino.0))
     }
 

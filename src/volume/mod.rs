@@ -330,6 +330,9 @@ type Capture<'a> = dyn FnMut(&State, u64) + 'a;
 pub const RENAME_NOREPLACE: u32 = 1;
 /// rename(2) flags.
 pub const RENAME_EXCHANGE: u32 = 2;
+/// renameat2 flag: leave a whiteout (character device 0:0) at the old
+/// name (overlayfs upper directories use it).
+pub const RENAME_WHITEOUT: u32 = 4;
 
 /// An open volume.
 pub struct Volume {
@@ -1699,7 +1702,8 @@ impl Volume {
         Ok(())
     }
 
-    /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE (a whiteout
+    /// left by RENAME_WHITEOUT belongs to root; see [`Volume::rename_as`]).
     pub fn rename(
         &self,
         parent: u64,
@@ -1708,12 +1712,30 @@ impl Volume {
         newname: &[u8],
         flags: u32,
     ) -> FsResult<()> {
+        self.rename_as(parent, name, newparent, newname, flags, 0, 0)
+    }
+
+    /// renameat2(2) with RENAME_NOREPLACE, RENAME_EXCHANGE and
+    /// RENAME_WHITEOUT; a whiteout belongs to `uid`:`gid` (the caller, as on
+    /// ext4). The kernel checks CAP_MKNOD for RENAME_WHITEOUT.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename_as(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<()> {
         self.check_changeable(parent, Some(name))?;
         self.check_changeable(newparent, Some(newname))?;
         self.check_writable()?;
         Self::check_name(newname)?;
-        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
-            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) != 0
+            || flags & (RENAME_NOREPLACE | RENAME_EXCHANGE) == RENAME_NOREPLACE | RENAME_EXCHANGE
+            || flags & (RENAME_WHITEOUT | RENAME_EXCHANGE) == RENAME_WHITEOUT | RENAME_EXCHANGE
         {
             return Err(FsError::INVAL);
         }
@@ -1805,6 +1827,14 @@ impl Volume {
         }
         st.remove_entry(parent, name, now)?;
         st.set_entry(newparent, newname, src);
+        if flags & RENAME_WHITEOUT != 0 {
+            let wo = st.next_ino;
+            st.next_ino += 1;
+            st.inodes
+                .insert(wo, Inode::new(FileKind::CharDev, 0, uid, gid, 0, now));
+            st.set_entry(parent, name, wo);
+            st.dirty.insert(wo);
+        }
         if src_is_dir && parent != newparent {
             st.set_parent(src, newparent);
             st.get_mut(parent)?.nlink -= 1;
