@@ -20,6 +20,7 @@ use serde_json::Value;
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const EACCES: i32 = 13;
 const REVOCATION_BOUND: Duration = Duration::from_secs(5);
+// (not hex, so that it cannot turn up by chance in a MAC or a key id)
 const PIN: &str = "pin-Zk8wQ3";
 const SO_PIN: &str = "123456";
 
