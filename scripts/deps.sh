@@ -2,7 +2,8 @@
 # Install the Debian packages sealfs needs (idempotent; a second run is instant).
 #
 #   scripts/deps.sh           fuse3 (fusermount3, mount.fuse3), attr (getfattr/setfattr), pkg-config,
-#                             xfsprogs (xfs_io), acl (setfacl/getfacl), libcap2-bin (setcap) for the POSIX tests,
+#                             xfsprogs (xfs_io), acl (setfacl/getfacl), libcap2-bin (setcap, capsh) and
+#                             python3 (file handles through ctypes) for the POSIX tests,
 #                             softhsm2 (a PKCS#11 token for key stores: libsofthsm2.so, softhsm2-util)
 #                             and opensc (pkcs11-tool, used by tests/hsm.rs)
 #   scripts/deps.sh --bench   additionally gocryptfs, fio, xz-utils and the newest linux-source-X.Y
@@ -32,7 +33,7 @@ pkg_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
 }
 
-PACKAGES=(fuse3 attr pkg-config xfsprogs acl libcap2-bin softhsm2 opensc)
+PACKAGES=(fuse3 attr pkg-config xfsprogs acl libcap2-bin python3 softhsm2 opensc)
 if [ "$BENCH" -eq 1 ]; then
     PACKAGES+=(gocryptfs fio xz-utils)
 fi
@@ -85,7 +86,7 @@ if [ "$BENCH" -eq 1 ]; then
     log "kernel source tarball: $tarball"
 fi
 
-for tool in fusermount3 getfattr setfattr pkg-config xfs_io setfacl setcap softhsm2-util pkcs11-tool; do
+for tool in fusermount3 getfattr setfattr pkg-config xfs_io setfacl setcap capsh python3 softhsm2-util pkcs11-tool; do
     command -v "$tool" >/dev/null || die "$tool not found on PATH even though its package is installed"
 done
 

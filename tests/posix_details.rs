@@ -1103,3 +1103,88 @@ fn umount_then_mount_at_once_is_quiet_and_keeps_data() {
     }
     eprintln!("umount(8) to final commit: at most {worst:?}");
 }
+
+// file handles
+// ---------------------------------------------------------------------------
+
+/// name_to_handle_at / open_by_handle_at through python3's ctypes (no
+/// common tool wraps them): `save PATH` prints the handle, `open MOUNT
+/// TYPE HEX` prints the file's data, or a directory's path and entries,
+/// or the errno.
+const HANDLE_PY: &str = r#"
+import ctypes, os, sys, struct
+libc = ctypes.CDLL(None, use_errno=True)
+class FH(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int), ("f_handle", ctypes.c_ubyte * 128)]
+def name_to_handle(path):
+    fh = FH(); fh.handle_bytes = 128
+    mid = ctypes.c_int()
+    r = libc.name_to_handle_at(-100, path.encode(), ctypes.byref(fh), ctypes.byref(mid), 0)
+    if r != 0:
+        e = ctypes.get_errno(); raise OSError(e, os.strerror(e))
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+def open_by_handle(mnt, htype, hb, flags=os.O_RDONLY):
+    fh = FH(); fh.handle_bytes = len(hb); fh.handle_type = htype
+    ctypes.memmove(fh.f_handle, hb, len(hb))
+    mfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    fd = libc.open_by_handle_at(mfd, ctypes.byref(fh), flags)
+    e = ctypes.get_errno(); os.close(mfd)
+    if fd < 0: raise OSError(e, os.strerror(e))
+    return fd
+cmd = sys.argv[1]
+if cmd == "save":
+    t, h = name_to_handle(sys.argv[2]); print(t, h.hex())
+elif cmd == "open":
+    mnt, t, h = sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+    try:
+        fd = open_by_handle(mnt, t, h)
+    except OSError as e:
+        print("errno", e.errno); sys.exit(0)
+    import stat
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.fchdir(fd); print("dir", os.getcwd(), ",".join(sorted(os.listdir("."))))
+    else:
+        print("data", os.read(fd, 1 << 20).hex())
+    os.close(fd)
+"#;
+
+fn handle_tool(env: &Env, args: &[&str]) -> String {
+    let script = env.path("handles.py");
+    if !script.exists() {
+        fs::write(&script, HANDLE_PY).unwrap();
+    }
+    stdout(&run_ok(Command::new("python3").arg(&script).args(args)))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn file_handles_open_across_a_remount() {
+    if !require_fuse() {
+        return;
+    }
+    let (env, store, m) = setup(&[]);
+    fs::create_dir_all(m.path("p/q")).unwrap();
+    fs::write(m.path("p/q/f"), b"handle data").unwrap();
+    fs::write(m.path("gone"), b"x").unwrap();
+    let mp = m.mountpoint.to_str().unwrap().to_string();
+    let save = |p: &str| handle_tool(&env, &["save", m.path(p).to_str().unwrap()]);
+    let (hf, hd, hg) = (save("p/q/f"), save("p/q"), save("gone"));
+    let open = |h: &str| {
+        let mut a = vec!["open", mp.as_str()];
+        a.extend(h.split(' '));
+        handle_tool(&env, &a)
+    };
+    let data = format!("data {}", hex::encode(b"handle data"));
+    assert_eq!(open(&hf), data);
+    fs::remove_file(m.path("gone")).unwrap();
+    m.unmount();
+    // A new daemon and a new kernel mount: the kernel has no inode cached
+    // and asks the daemon for "." (and ".." up to the root for the
+    // directory's path).
+    let m = env.mount(&store, "mnt", &[]);
+    assert_eq!(open(&hf), data);
+    assert_eq!(open(&hd), format!("dir {mp}/p/q f"));
+    assert_eq!(open(&hg), format!("errno {}", libc::ESTALE));
+    m.unmount();
+}

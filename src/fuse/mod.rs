@@ -306,7 +306,11 @@ impl Filesystem for SealFs {
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_ASYNC_READ
-            | InitFlags::FUSE_AUTO_INVAL_DATA;
+            | InitFlags::FUSE_AUTO_INVAL_DATA
+            // File handles (name_to_handle_at/open_by_handle_at, NFS): node
+            // ids are sealfs's inode numbers, never reused, and the same
+            // after a remount; lookups of "." and ".." answer for any node.
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         if self.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }

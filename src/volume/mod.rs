@@ -1354,6 +1354,11 @@ impl Volume {
 
     /// Look up `name` in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        // "." of any inode: the kernel asks so to open a file handle
+        // (open_by_handle_at, NFS) whose inode it no longer caches.
+        if name == b"." {
+            return self.getattr(parent);
+        }
         if let Some(r) = self.virt_lookup(parent, name) {
             return r;
         }
