@@ -21,7 +21,7 @@ const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const EACCES: i32 = 13;
 const REVOCATION_BOUND: Duration = Duration::from_secs(5);
 // (not hex, so that it cannot turn up by chance in a MAC or a key id)
-const PIN: &str = "Pin-Qwz-Xkv";
+const PIN: &str = "pin-Zk8wQ3";
 const SO_PIN: &str = "123456";
 
 /// True if SoftHSM2 and pkcs11-tool are here. Panics when CI=true and
@@ -339,7 +339,7 @@ fn key_stores_keys_unavailable_and_destruction() {
     let v = create("hsm1", MODULE, "no-such-token", &pin);
     refused_unchanged(&h, &args(&v), &["no token labelled 'no-such-token'"]);
     let wrong = h.env.path("wrong.pin");
-    write_private(&wrong, "0000\n");
+    write_private(&wrong, "pin-Wrong1\n");
     let v = create("hsm1", MODULE, "sealfs", s(&wrong));
     refused_unchanged(&h, &args(&v), &["wrong PIN", "wrong.pin"]);
     let open_pin = h.env.path("open.pin");
@@ -439,6 +439,12 @@ fn key_stores_keys_unavailable_and_destruction() {
         list.contains("Unavailable") && list.contains("disconnected"),
         "{list}"
     );
+    let st = h.store_json("hsm1");
+    assert_eq!(st["connection_state"], "Disconnected", "{st}");
+    assert!(
+        st["keys"][0].as_str().unwrap().contains("(Unavailable)"),
+        "{st}"
+    );
     ok(&h.run(&["key-store", "connect", "hsm1"]), "connect");
     assert_eq!(h.describe("alias/db")["state"], "Enabled");
 
@@ -466,7 +472,7 @@ fn key_stores_keys_unavailable_and_destruction() {
     assert_eq!(h.describe("alias/db")["state"], "Enabled");
 
     // --- the PIN changed in the token: the PIN file is wrong now
-    h.change_pin(PIN, "Other-Pin-Qwz");
+    h.change_pin(PIN, "pin-Yx2vR7");
     let d = h.describe("alias/db");
     assert_eq!(d["state"], "Unavailable", "{d}");
     assert!(
@@ -476,9 +482,9 @@ fn key_stores_keys_unavailable_and_destruction() {
             .contains("wrong PIN"),
         "{d}"
     );
-    write_private(&h.pin_file, "Other-Pin-Qwz\n");
+    write_private(&h.pin_file, "pin-Yx2vR7\n");
     assert_eq!(h.describe("alias/db")["state"], "Enabled");
-    h.change_pin("Other-Pin-Qwz", PIN);
+    h.change_pin("pin-Yx2vR7", PIN);
     write_private(&h.pin_file, format!("{PIN}\n"));
 
     // --- rotation makes a new token object
@@ -607,7 +613,7 @@ fn token_wrapping_binds_the_context() {
     let e = ks.unwrap(&bad, &ctx).unwrap_err();
     assert!(matches!(e, KmsError::UnwrapFailed { .. }), "{e}");
     // with a wrong PIN: Unavailable, the PIN file named, no PIN
-    write_private(&h.pin_file, "99999999\n");
+    write_private(&h.pin_file, "pin-Bad0no\n");
     let e = ks.unwrap(&w, &ctx).unwrap_err();
     let text = e.to_string();
     assert!(matches!(e, KmsError::Unavailable { .. }), "{text}");
@@ -615,7 +621,10 @@ fn token_wrapping_binds_the_context() {
         text.contains("wrong PIN") && text.contains("hsm1.pin"),
         "{text}"
     );
-    assert!(!text.contains("99999999") && !text.contains(PIN), "{text}");
+    assert!(
+        !text.contains("pin-Bad0no") && !text.contains(PIN),
+        "{text}"
+    );
     assert_no_pin(&h, &[&text]);
 }
 
@@ -721,7 +730,7 @@ fn volume_on_hsm_key_mount_rotate_disconnect() {
     // --- the token's PIN changed while mounted: revoked (wrong PIN), and
     // back once the PIN file has the new PIN
     let t = Instant::now();
-    h.change_pin(PIN, "24681357");
+    h.change_pin(PIN, "pin-Wm5tP9");
     wait_for(t, "revoked after the PIN changed", || {
         is_eacces(&std::fs::read(m.path("big.bin")))
     });
@@ -735,15 +744,15 @@ fn volume_on_hsm_key_mount_rotate_disconnect() {
         "{d}"
     );
     let t = Instant::now();
-    write_private(&h.pin_file, "24681357\n");
+    write_private(&h.pin_file, "pin-Wm5tP9\n");
     wait_for(t, "restored after the PIN file was fixed", || {
         std::fs::read(m.path("big.bin")).is_ok_and(|g| g == big)
     });
-    h.change_pin("24681357", PIN);
+    h.change_pin("pin-Wm5tP9", PIN);
     write_private(&h.pin_file, format!("{PIN}\n"));
     let log = m.log_text();
     assert!(
-        !log.contains(PIN) && !log.contains("24681357"),
+        !log.contains(PIN) && !log.contains("pin-Wm5tP9"),
         "PIN in the mount log: {log}"
     );
     m.unmount();

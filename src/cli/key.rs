@@ -196,7 +196,7 @@ pub enum Origin {
 
 /// The state shown to users: `Unavailable` for a usable key whose key
 /// store cannot be used now, with the reason.
-fn shown_state(ks: &Keystore, k: &MasterKey) -> (String, Option<String>) {
+pub(super) fn shown_state(ks: &Keystore, k: &MasterKey) -> (String, Option<String>) {
     match (k.state, ks.availability(k)) {
         (KeyState::Enabled, Some(r)) => ("Unavailable".into(), Some(r)),
         (st, r) => (st.to_string(), r),

@@ -173,6 +173,6 @@ fn keys_in(ks: &crate::kms::Keystore, store: &str) -> Vec<String> {
     ks.keys()
         .iter()
         .filter(|k| ks.hsm_store_name(k).as_deref() == Some(store))
-        .map(|k| format!("{} ({})", k.label(), k.state))
+        .map(|k| format!("{} ({})", k.label(), super::key::shown_state(ks, k).0))
         .collect()
 }
