@@ -361,6 +361,8 @@ pub struct Volume {
     read_only: bool,
     dirty_limit: usize,
     state_file: Option<PathBuf>,
+    /// Writes `state_file` off the commit path (see [`SeenWriter`]).
+    seen: Option<SeenWriter>,
     closed: AtomicBool,
     stop_bg: Arc<AtomicBool>,
     bytes_read: AtomicU64,
@@ -1099,7 +1101,9 @@ impl Volume {
                 self.remove_inode(&mut st, ino);
             }
         }
-        self.commit(true)
+        let r = self.commit(true);
+        self.flush_seen();
+        r
     }
 
     // ----- chunk I/O --------------------------------------------------

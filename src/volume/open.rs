@@ -718,6 +718,7 @@ impl Volume {
                 return Err(OpenError::Kms(ae));
             }
         }
+        let seen = Some(SeenWriter::new(sf.clone()));
         let state_file = Some(sf);
         // A snapshot mount shows the snapshot's tree instead (after the
         // live chain passed the rollback check above).
@@ -774,6 +775,7 @@ impl Volume {
             read_only: opts.read_only || snapshot_view,
             dirty_limit: opts.dirty_bytes.max(1 << 20),
             state_file,
+            seen,
             closed: AtomicBool::new(false),
             stop_bg: Arc::new(AtomicBool::new(false)),
             bytes_read: AtomicU64::new(0),
@@ -783,6 +785,7 @@ impl Volume {
             hdr,
         });
         vol.record_seq(seq, &tag);
+        vol.flush_seen();
         if !snapshot_view {
             vol.load_snapshots(&names);
         }
@@ -808,23 +811,114 @@ impl Volume {
 
     /// Record the last commit seen in the local state, durably.
     pub(super) fn record_seq(&self, seq: u64, tag: &[u8; TAG_LEN]) {
-        if let Some(sf) = &self.state_file {
-            let write = || -> io::Result<()> {
-                if let Some(d) = sf.parent() {
-                    use std::os::unix::fs::DirBuilderExt;
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(d)?;
+        if let Some(w) = &self.seen {
+            w.record(seq, tag);
+        }
+    }
+
+    /// Wait until the last commit handed to the local record is on disk.
+    pub(super) fn flush_seen(&self) {
+        if let Some(w) = &self.seen {
+            w.flush();
+        }
+    }
+}
+
+/// Write the local record of the last commit seen durably (temp file,
+/// fsync, rename, directory fsync).
+fn write_seen(sf: &Path, seq: u64, tag: &[u8; TAG_LEN]) {
+    let write = || -> io::Result<()> {
+        if let Some(d) = sf.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
+        }
+        store::write_atomic(sf, encode_seen(seq, tag).as_bytes())
+    };
+    if let Err(e) = write() {
+        log::warn!(
+            "cannot record commit {seq} in {}: {e} (rollback detection is weaker)",
+            sf.display()
+        );
+    }
+}
+
+/// Keeps the local record of the last commit seen, off the commit path:
+/// a commit hands over its (seq, tag) and returns; a thread writes the
+/// newest one durably, so commits that come while it writes are coalesced
+/// into one write (the two fsyncs of a durable replace would otherwise be
+/// paid by every `fsync(2)` on the volume). Closing the volume waits for
+/// the last one.
+pub(crate) struct SeenWriter {
+    shared: Arc<SeenShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SeenShared {
+    st: Mutex<SeenState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SeenState {
+    pending: Option<(u64, [u8; TAG_LEN])>,
+    writing: bool,
+    stop: bool,
+}
+
+impl SeenWriter {
+    pub(crate) fn new(file: PathBuf) -> SeenWriter {
+        let shared = Arc::new(SeenShared {
+            st: Mutex::new(SeenState::default()),
+            cv: Condvar::new(),
+        });
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("sealfs-seen".into())
+            .spawn(move || {
+                let mut g = sh.st.lock();
+                loop {
+                    if let Some((seq, tag)) = g.pending.take() {
+                        g.writing = true;
+                        drop(g);
+                        write_seen(&file, seq, &tag);
+                        g = sh.st.lock();
+                        g.writing = false;
+                        sh.cv.notify_all();
+                        continue;
+                    }
+                    if g.stop {
+                        return;
+                    }
+                    sh.cv.wait(&mut g);
                 }
-                store::write_atomic(sf, encode_seen(seq, tag).as_bytes())
-            };
-            if let Err(e) = write() {
-                log::warn!(
-                    "cannot record commit {seq} in {}: {e} (rollback detection is weaker)",
-                    sf.display()
-                );
-            }
+            })
+            .ok();
+        SeenWriter { shared, thread }
+    }
+
+    fn record(&self, seq: u64, tag: &[u8; TAG_LEN]) {
+        let mut g = self.shared.st.lock();
+        g.pending = Some((seq, *tag));
+        self.shared.cv.notify_all();
+    }
+
+    fn flush(&self) {
+        let mut g = self.shared.st.lock();
+        while self.thread.is_some() && (g.pending.is_some() || g.writing) {
+            self.shared.cv.wait(&mut g);
+        }
+    }
+}
+
+impl Drop for SeenWriter {
+    fn drop(&mut self) {
+        self.shared.st.lock().stop = true;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
