@@ -19,10 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// fsck must pass; after a crash, orphans (unreferenced objects a crash
 /// leaves) are the only problem allowed, and `fsck --repair` then passes,
 /// and a second fsck is clean.

@@ -74,10 +74,6 @@ impl Case<'_> {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A store with chunked files, inline files, a directory and recycled
 /// chunk files (from deleting a file).
 fn template(env: &Env) -> PathBuf {

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -26,25 +26,6 @@ const REVOCATION_BOUND: Duration = Duration::from_secs(5);
 
 // ----- helpers --------------------------------------------------------
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// Assert success; return stdout.
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: expected success, got {}: {}{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    );
-    stdout(out)
-}
-
 /// Run sealfs with the keystore clock set to `at` (seconds since the epoch).
 fn sealfs_at(env: &Env, at: u64, args: &[&str]) -> Output {
     env.cmd()
@@ -52,10 +33,6 @@ fn sealfs_at(env: &Env, at: u64, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn parse_json(text: &str, what: &str) -> Value {

@@ -65,15 +65,6 @@ fn populate(root: &Path, rng: &mut Rng) {
     std::os::unix::fs::symlink("docs/deep/mid.bin", root.join("link")).unwrap();
 }
 
-fn ok(out: &std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        stdout(out),
-        stderr(out)
-    );
-}
-
 fn fails(out: &std::process::Output, what: &str, msg: &str) {
     assert!(!out.status.success(), "{what} succeeded: {}", stdout(out));
     assert!(
@@ -81,10 +72,6 @@ fn fails(out: &std::process::Output, what: &str, msg: &str) {
         "{what}: expected {msg:?} in: {}",
         stderr(out)
     );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -173,6 +173,38 @@ fn open_beneath(dir: BorrowedFd<'_>, rel: &str, flags: OFlags, mode: Mode) -> io
     Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"))
 }
 
+/// Open an existing entry of `dir` (one name, not a path) for reading or
+/// writing, never following a link, never blocking on a FIFO, never
+/// becoming a controlling terminal.
+fn open_entry(dir: BorrowedFd<'_>, name: &str, access: OFlags) -> rustix::io::Result<OwnedFd> {
+    rfs::openat(
+        dir,
+        name,
+        access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+}
+
+/// Open a file of `recycle/` for reuse, truncated to zero bytes: only a
+/// single-link regular file qualifies (a chunk hard-linked into a clone is
+/// shared and must never be truncated or rewritten; anything else was
+/// planted). Checked by name first, so that no device node is opened, and
+/// again on the open handle.
+fn open_recyclable(dir: BorrowedFd<'_>, name: &str) -> Option<OwnedFd> {
+    let plain = |st: &rfs::Stat| {
+        FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink == 1
+    };
+    if !rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| plain(&st)) {
+        return None;
+    }
+    let fd = open_entry(dir, name, OFlags::WRONLY).ok()?;
+    if !rfs::fstat(&fd).is_ok_and(|st| plain(&st)) {
+        return None;
+    }
+    rfs::ftruncate(&fd, 0).ok()?;
+    Some(fd)
+}
+
 fn type_word(t: FileType) -> &'static str {
     match t {
         FileType::RegularFile => "a file",
@@ -473,21 +505,8 @@ impl LocalDirStore {
             return false;
         };
         let usable = (|| -> io::Result<()> {
-            let fd = rfs::openat(
-                rfd,
-                r.as_str(),
-                OFlags::WRONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::CLOEXEC
-                    | OFlags::NOCTTY,
-                Mode::empty(),
-            )?;
-            let st = rfs::fstat(&fd)?;
-            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
-                return Err(io::Error::other("not a plain file"));
-            }
-            rfs::ftruncate(&fd, 0)?;
+            let fd = open_recyclable(rfd.as_fd(), &r)
+                .ok_or_else(|| io::Error::other("not a plain file"))?;
             File::from(fd).write_all(data)?;
             rfs::renameat_with(rfd, r.as_str(), dir, name, rfs::RenameFlags::NOREPLACE)?;
             Ok(())
@@ -521,13 +540,8 @@ impl LocalDirStore {
         let base = srel.rsplit('/').next().unwrap_or(name);
         // check what is there before linking it (linkat never follows a
         // symlink without AT_SYMLINK_FOLLOW, but would link a FIFO)
-        let fd = rfs::openat(
-            sdir.fd(),
-            base,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )
-        .map_err(|e| open_err(&src.root, &srel, e.into()))?;
+        let fd = open_entry(sdir.fd(), base, OFlags::RDONLY)
+            .map_err(|e| open_err(&src.root, &srel, e.into()))?;
         check_file(&src.root, &srel, fd.as_fd(), super::MAX_OBJECT)?;
         match rfs::linkat(sdir.fd(), base, ddir.fd(), base, AtFlags::empty()) {
             Ok(()) => Ok(true),
@@ -647,13 +661,8 @@ impl ObjectStore for LocalDirStore {
 
     fn get(&self, kind: Kind, name: &str, max_len: usize) -> io::Result<Vec<u8>> {
         let (dir, rel) = self.locate(kind, name, false)?;
-        let fd = rfs::openat(
-            dir.fd(),
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )
-        .map_err(|e| open_err(&self.root, &rel, e.into()))?;
+        let fd = open_entry(dir.fd(), name, OFlags::RDONLY)
+            .map_err(|e| open_err(&self.root, &rel, e.into()))?;
         read_checked(&self.root, &rel, fd, max_len.min(super::MAX_OBJECT))
     }
 
@@ -679,32 +688,7 @@ impl ObjectStore for LocalDirStore {
                             // after the rename, so no new link can appear
                             // in between (a clone linking the old name now
                             // gets ENOENT).
-                            let keep = rfs::statat(rfd, to.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                                .is_ok_and(|s| {
-                                    FileType::from_raw_mode(s.st_mode) == FileType::RegularFile
-                                        && s.st_nlink == 1
-                                });
-                            let truncated = keep
-                                && rfs::openat(
-                                    rfd,
-                                    to.as_str(),
-                                    OFlags::WRONLY
-                                        | OFlags::NOFOLLOW
-                                        | OFlags::NONBLOCK
-                                        | OFlags::CLOEXEC
-                                        | OFlags::NOCTTY,
-                                    Mode::empty(),
-                                )
-                                .ok()
-                                .and_then(|fd| {
-                                    let st = rfs::fstat(&fd).ok()?;
-                                    (FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-                                        && st.st_nlink == 1)
-                                        .then_some(())?;
-                                    rfs::ftruncate(&fd, 0).ok()
-                                })
-                                .is_some();
-                            if truncated {
+                            if open_recyclable(rfd.as_fd(), &to).is_some() {
                                 r.free.push(to);
                                 return Ok(());
                             }

@@ -916,8 +916,16 @@ impl Volume {
         if self.lease_lost.load(Ordering::Relaxed) {
             return Err(FsError::ROFS);
         }
-        let _c = self.commit_lock.lock();
-        self.commit_locked(checkpoint, None)
+        let r = {
+            let _c = self.commit_lock.lock();
+            self.commit_locked(checkpoint, None)
+        };
+        // The local record of the commit is durable before the commit is
+        // reported done: a crash right after an fsync must still show a
+        // store whose tail was then cut as a rollback. (It is written
+        // outside the commit lock, so concurrent commits overlap it.)
+        self.flush_seen();
+        r
     }
 
     /// [`Volume::commit`] with the commit lock held. `capture(state, seq)`

@@ -852,6 +852,7 @@ fn write_seen(sf: &Path, seq: u64, tag: &[u8; TAG_LEN]) {
 /// paid by every `fsync(2)` on the volume). Closing the volume waits for
 /// the last one.
 pub(crate) struct SeenWriter {
+    file: PathBuf,
     shared: Arc<SeenShared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -875,6 +876,7 @@ impl SeenWriter {
             cv: Condvar::new(),
         });
         let sh = shared.clone();
+        let path = file.clone();
         let thread = std::thread::Builder::new()
             .name("sealfs-seen".into())
             .spawn(move || {
@@ -896,10 +898,21 @@ impl SeenWriter {
                 }
             })
             .ok();
-        SeenWriter { shared, thread }
+        if thread.is_none() {
+            log::warn!("no thread for the local record of commits; writing it on the commit path");
+        }
+        SeenWriter {
+            file: path,
+            shared,
+            thread,
+        }
     }
 
     fn record(&self, seq: u64, tag: &[u8; TAG_LEN]) {
+        if self.thread.is_none() {
+            write_seen(&self.file, seq, tag);
+            return;
+        }
         let mut g = self.shared.st.lock();
         g.pending = Some((seq, *tag));
         self.shared.cv.notify_all();

@@ -429,3 +429,28 @@ pub fn status_entry(env: &Env, mp: &Path) -> Option<serde_json::Value> {
         .into_iter()
         .find(|e| e["mountpoint"].as_str() == Some(mp))
 }
+
+/// A path as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Assert that a command succeeded; returns its stdout.
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: expected success, got {}: {}{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+    stdout(out)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
