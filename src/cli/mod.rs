@@ -337,6 +337,21 @@ fn run(cli: Cli) -> Result<()> {
     };
     crate::store::set_lock_context(&what, g.force_unlock);
     volume::ACCEPT_ROLLBACK.store(g.accept_rollback, std::sync::atomic::Ordering::Relaxed);
+    // A store URL (s3://...) is refused before anything touches the disk.
+    let locations: Vec<&Path> = match &cli.cmd {
+        Cmd::Create { store, .. }
+        | Cmd::Rewrap { store, .. }
+        | Cmd::Rekey { store, .. }
+        | Cmd::Info { store, .. }
+        | Cmd::Fsck { store, .. } => vec![store.as_path()],
+        Cmd::Mount { store, options, .. } if !remount::requested(options) => vec![store.as_path()],
+        Cmd::Gc { target } => vec![target.as_path()],
+        Cmd::Clone { source, dest, .. } => vec![Path::new(source.as_str()), dest.as_path()],
+        _ => vec![],
+    };
+    for l in locations {
+        crate::store::check_location(l)?;
+    }
     // Commands that change a store refuse while it is mounted, whatever
     // its lock file says (it may have been deleted or replaced).
     match &cli.cmd {

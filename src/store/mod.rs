@@ -5,7 +5,8 @@
 //! - [`local::LocalDirStore`]: a directory on a local file system, opened
 //!   beneath a directory handle without following any symlink (the store is
 //!   hostile input);
-//! - `s3`: an S3-compatible bucket (`s3://BUCKET/PREFIX`).
+//! - `s3`: an S3-compatible bucket (`s3://BUCKET/PREFIX`): not implemented
+//!   yet; [`check_location`] refuses such URLs clearly.
 //!
 //! A store holds:
 //!
@@ -391,4 +392,53 @@ pub fn bad_name(name: &str) -> io::Error {
         io::ErrorKind::InvalidInput,
         format!("invalid object name {name:?}"),
     )
+}
+
+/// Where a store lives, from what a user typed: a local directory, or a
+/// URL. Only local directories are implemented; a URL is recognised so
+/// that `sealfs create s3://b/p` is refused clearly instead of creating a
+/// local directory named `s3:`.
+pub fn check_location(location: &std::path::Path) -> io::Result<()> {
+    let Some(s) = location.to_str() else {
+        return Ok(());
+    };
+    let Some((scheme, _)) = s.split_once("://") else {
+        return Ok(());
+    };
+    let scheme_like = !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.');
+    if !scheme_like {
+        return Ok(());
+    }
+    let msg = if scheme.eq_ignore_ascii_case("s3") {
+        format!(
+            "{s}: S3 stores are not supported by this build yet (only local store directories); \
+             for a local directory whose name starts with \"{scheme}:\", write ./{s}"
+        )
+    } else {
+        format!(
+            "{s}: unknown store URL scheme {scheme:?} (a store is a local directory); \
+             for a local directory of that name, write ./{s}"
+        )
+    };
+    Err(io::Error::new(io::ErrorKind::Unsupported, msg))
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::check_location;
+    use std::path::Path;
+
+    #[test]
+    fn urls_are_refused_paths_are_not() {
+        assert!(check_location(Path::new("/srv/a.store")).is_ok());
+        assert!(check_location(Path::new("rel/a.store")).is_ok());
+        assert!(check_location(Path::new("./s3://b/p")).is_ok());
+        let e = check_location(Path::new("s3://bucket/prefix")).unwrap_err();
+        assert!(e.to_string().contains("S3 stores are not supported"), "{e}");
+        let e = check_location(Path::new("gs://bucket/prefix")).unwrap_err();
+        assert!(e.to_string().contains("unknown store URL scheme"), "{e}");
+    }
 }
