@@ -310,7 +310,12 @@ impl Filesystem for SealFs {
             // File handles (name_to_handle_at/open_by_handle_at, NFS): node
             // ids are sealfs's inode numbers, never reused, and the same
             // after a remount; lookups of "." and ".." answer for any node.
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // POSIX ACLs: the kernel caches and enforces them; the volume
+            // keeps them in line with the mode and inherits default ACLs,
+            // so it gets the create mode unmasked, with the umask beside it.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         if self.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -388,7 +393,7 @@ impl Filesystem for SealFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -397,11 +402,12 @@ impl Filesystem for SealFs {
         };
         reply_entry(
             reply,
-            self.vol.mknod(
+            self.vol.mknod_umask(
                 parent.0,
                 name.as_bytes(),
                 kind,
                 mode,
+                umask,
                 req.uid(),
                 req.gid(),
                 rdev,
@@ -415,13 +421,13 @@ impl Filesystem for SealFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(
             reply,
             self.vol
-                .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid()),
+                .mkdir_umask(parent.0, name.as_bytes(), mode, umask, req.uid(), req.gid()),
         )
     }
 
@@ -715,7 +721,7 @@ impl Filesystem for SealFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -724,11 +730,12 @@ impl Filesystem for SealFs {
         };
         let r = self
             .vol
-            .mknod(
+            .mknod_umask(
                 parent.0,
                 name.as_bytes(),
                 kind,
                 mode,
+                umask,
                 req.uid(),
                 req.gid(),
                 0,
