@@ -390,3 +390,26 @@ fn malformed_acl_xattrs_are_refused_with_einval() {
     assert!(!out.contains("posix_acl"), "{out}");
     m.unmount();
 }
+
+#[test]
+fn setting_an_acl_outside_the_group_clears_setgid() {
+    let Some(sc) = Scene::new() else {
+        return;
+    };
+    let all = dirs(&sc.m, &sc.reference);
+    let (uid, gid) = (sc.uid, sc.gid);
+    in_each(
+        &all,
+        &format!("touch $D/s $D/t && chown {uid}:0 $D/s && chown {uid}:{gid} $D/t && chmod 2755 $D/s $D/t"),
+    );
+    for d in &all {
+        for (f, kept) in [("s", false), ("t", true)] {
+            let p = d.join(f);
+            let out = as_user(uid, gid, &format!("setfacl -m u:0:r '{}'", p.display()));
+            assert!(out.status.success(), "{}", stderr(&out));
+            let want = if kept { 0o2755 } else { 0o755 };
+            assert_eq!(mode_of(&p), want, "{}", p.display());
+        }
+    }
+    sc.m.unmount();
+}

@@ -277,6 +277,19 @@ fn kind_from_mode(mode: u32) -> Option<FileKind> {
     })
 }
 
+/// Whether the process behind `req` has `gid` as its group or one of its
+/// supplementary groups (read from /proc; unknown counts as not).
+fn caller_in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", req.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
 fn reply_entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
     match r {
         Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -684,7 +697,7 @@ impl Filesystem for SealFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -692,10 +705,24 @@ impl Filesystem for SealFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.vol.setxattr(ino.0, name.as_bytes(), value, flags),
-        )
+        let r = self.vol.setxattr(ino.0, name.as_bytes(), value, flags);
+        // Setting an access ACL clears set-group-ID when the caller is not
+        // in the file's group (as the VFS's posix_acl_update_mode does;
+        // fuser 0.18 has no FUSE_SETXATTR_ACL_KILL_SGID flag to say so).
+        if r.is_ok() && name.as_bytes() == b"system.posix_acl_access" && req.uid() != 0 {
+            if let Ok(a) = self.vol.getattr(ino.0) {
+                if a.perm & 0o2000 != 0 && !caller_in_group(req, a.gid) {
+                    let s = SetAttr {
+                        mode: Some(u32::from(a.perm & !0o2000)),
+                        ..Default::default()
+                    };
+                    if let Err(e) = self.vol.setattr(ino.0, &s) {
+                        return reply.error(errno(e));
+                    }
+                }
+            }
+        }
+        reply_empty(reply, r)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
