@@ -956,24 +956,6 @@ fn security_and_trusted_xattrs_and_capabilities_like_ext4() {
     ));
     assert!(!out.contains("trusted.z"), "{out}");
 
-    // POSIX ACLs are refused (README: limitations): setfacl says so, and
-    // getfacl shows the mode bits.
-    let out = Command::new("setfacl")
-        .args(["-m", "u:1:r"])
-        .arg(&fs_)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "setfacl succeeded");
-    assert!(
-        stderr(&out).contains("Operation not supported"),
-        "setfacl: {}",
-        stderr(&out)
-    );
-    let acl = stdout(&run_ok(Command::new("getfacl").arg("-c").arg(&fs_)));
-    assert!(
-        acl.contains("user::rw-") && !acl.contains("user:1:"),
-        "{acl}"
-    );
     m.unmount();
 }
 

@@ -153,6 +153,9 @@ pub enum KeyCmd {
         #[arg(long)]
         verify: bool,
     },
+    /// Client-side encryption: data keys, encrypt, decrypt, re-encrypt
+    #[command(flatten)]
+    Data(super::key_data::DataCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -357,6 +360,7 @@ fn parse_since(s: &str) -> Result<u64> {
 
 pub fn cmd_key(g: &Global, k: KeyCmd) -> Result<()> {
     match k {
+        KeyCmd::Data(c) => super::key_data::cmd_data(g, c)?,
         KeyCmd::Create {
             alias,
             description,

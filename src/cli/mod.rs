@@ -3,6 +3,7 @@
 
 pub mod helper;
 pub mod key;
+mod key_data;
 mod keystore_cmd;
 pub mod logging;
 pub mod options;

@@ -277,6 +277,19 @@ fn kind_from_mode(mode: u32) -> Option<FileKind> {
     })
 }
 
+/// Whether the process behind `req` has `gid` as its group or one of its
+/// supplementary groups (read from /proc; unknown counts as not).
+fn caller_in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", req.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
 fn reply_entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
     match r {
         Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -310,7 +323,12 @@ impl Filesystem for SealFs {
             // File handles (name_to_handle_at/open_by_handle_at, NFS): node
             // ids are sealfs's inode numbers, never reused, and the same
             // after a remount; lookups of "." and ".." answer for any node.
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // POSIX ACLs: the kernel caches and enforces them; the volume
+            // keeps them in line with the mode and inherits default ACLs,
+            // so it gets the create mode unmasked, with the umask beside it.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         if self.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -388,7 +406,7 @@ impl Filesystem for SealFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -397,11 +415,12 @@ impl Filesystem for SealFs {
         };
         reply_entry(
             reply,
-            self.vol.mknod(
+            self.vol.mknod_umask(
                 parent.0,
                 name.as_bytes(),
                 kind,
                 mode,
+                umask,
                 req.uid(),
                 req.gid(),
                 rdev,
@@ -415,13 +434,13 @@ impl Filesystem for SealFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(
             reply,
             self.vol
-                .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid()),
+                .mkdir_umask(parent.0, name.as_bytes(), mode, umask, req.uid(), req.gid()),
         )
     }
 
@@ -678,7 +697,7 @@ impl Filesystem for SealFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -686,10 +705,24 @@ impl Filesystem for SealFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.vol.setxattr(ino.0, name.as_bytes(), value, flags),
-        )
+        let r = self.vol.setxattr(ino.0, name.as_bytes(), value, flags);
+        // Setting an access ACL clears set-group-ID when the caller is not
+        // in the file's group (as the VFS's posix_acl_update_mode does;
+        // fuser 0.18 has no FUSE_SETXATTR_ACL_KILL_SGID flag to say so).
+        if r.is_ok() && name.as_bytes() == b"system.posix_acl_access" && req.uid() != 0 {
+            if let Ok(a) = self.vol.getattr(ino.0) {
+                if a.perm & 0o2000 != 0 && !caller_in_group(req, a.gid) {
+                    let s = SetAttr {
+                        mode: Some(u32::from(a.perm & !0o2000)),
+                        ..Default::default()
+                    };
+                    if let Err(e) = self.vol.setattr(ino.0, &s) {
+                        return reply.error(errno(e));
+                    }
+                }
+            }
+        }
+        reply_empty(reply, r)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -715,7 +748,7 @@ impl Filesystem for SealFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -724,11 +757,12 @@ impl Filesystem for SealFs {
         };
         let r = self
             .vol
-            .mknod(
+            .mknod_umask(
                 parent.0,
                 name.as_bytes(),
                 kind,
                 mode,
+                umask,
                 req.uid(),
                 req.gid(),
                 0,

@@ -20,6 +20,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::crypto::{self, AeadKey, Key32};
 
 pub mod audit;
+pub mod blob;
 pub mod keystore_store;
 pub mod pkcs11;
 pub mod seen;
@@ -125,6 +126,11 @@ pub enum KmsError {
     },
     #[error("{0}")]
     State(String),
+    // --- KMS API / ciphertext blobs (issue 14) ---
+    #[error("the ciphertext is not valid: {0}")]
+    InvalidCiphertext(String),
+    #[error("the ciphertext was made with key {blob_key}, not with the given key {given}")]
+    IncorrectKey { blob_key: String, given: String },
     #[error("key {id} is Unavailable: its key store {store} {reason}")]
     Unavailable {
         id: String,

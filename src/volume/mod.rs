@@ -10,6 +10,7 @@
 //! journal record that refers to them, and only then are replaced objects
 //! deleted.
 
+mod acl;
 pub mod clone;
 pub mod format;
 pub mod fsck;
@@ -1412,6 +1413,7 @@ impl Volume {
         let i = st.get_mut(ino)?;
         if let Some(m) = s.mode {
             i.perm = (m & 0o7777) as u16;
+            acl::chmod(i);
         }
         if let Some(u) = s.uid {
             i.uid = u;
@@ -1537,7 +1539,8 @@ impl Volume {
         Ok(attr)
     }
 
-    /// Create a regular file, FIFO, socket or device node.
+    /// Create a regular file, FIFO, socket or device node (`perm` is
+    /// final: no umask).
     #[allow(clippy::too_many_arguments)]
     pub fn mknod(
         &self,
@@ -1545,6 +1548,23 @@ impl Volume {
         name: &[u8],
         kind: FileKind,
         perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        self.mknod_umask(parent, name, kind, perm, 0, uid, gid, rdev)
+    }
+
+    /// mknod with the caller's umask, which applies unless the parent has a
+    /// default ACL (then the new node inherits it, see [`acl::inherit`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod_umask(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        umask: u32,
         uid: u32,
         gid: u32,
         rdev: u32,
@@ -1559,12 +1579,27 @@ impl Volume {
         };
         self.new_child(parent, name, |_ino, p, now| {
             let gid = if p.perm & 0o2000 != 0 { p.gid } else { gid };
-            Inode::new(kind, (perm & 0o7777) as u16, uid, gid, rdev, now)
+            let mut i = Inode::new(kind, (perm & 0o7777) as u16, uid, gid, rdev, now);
+            acl::inherit(p, &mut i, umask);
+            i
         })
     }
 
-    /// Create a directory.
+    /// Create a directory (`perm` is final: no umask).
     pub fn mkdir(&self, parent: u64, name: &[u8], perm: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.mkdir_umask(parent, name, perm, 0, uid, gid)
+    }
+
+    /// mkdir with the caller's umask (see [`Volume::mknod_umask`]).
+    pub fn mkdir_umask(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u32,
+        umask: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
         if let Some(r) = self.virt_mkdir(parent, name) {
             return r;
         }
@@ -1575,7 +1610,9 @@ impl Volume {
             if sgid {
                 perm |= 0o2000;
             }
-            Inode::new_dir(parent, perm, uid, gid, now)
+            let mut i = Inode::new_dir(parent, perm, uid, gid, now);
+            acl::inherit(p, &mut i, umask);
+            i
         })
     }
 
@@ -2514,14 +2551,18 @@ impl Volume {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::TOOBIG);
         }
-        // POSIX ACLs are not supported: storing them as plain xattrs would
-        // claim success while the kernel enforces nothing (and `cp -a`
-        // would skip its chmod fallback).
-        if name.starts_with(b"system.posix_acl_") {
+        // POSIX ACLs: validated and kept in line with the mode (acl.rs).
+        if name.starts_with(b"system.posix_acl_") && !acl::is_acl_name(name) {
             return Err(FsError::NOTSUP);
         }
         let mut st = self.state.lock();
         let i = st.get_mut(ino)?;
+        if acl::is_acl_name(name) {
+            acl::set(i, name, value)?;
+            i.ctime = Timespec::now();
+            st.dirty.insert(ino);
+            return Ok(());
+        }
         let exists = i.xattrs.contains_key(name);
         if flags & libc::XATTR_CREATE != 0 && exists {
             return Err(FsError::EXIST);
